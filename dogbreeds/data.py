@@ -1,0 +1,493 @@
+"""Stanford Dogs: find the examples, split them, decode and cache them, and feed `tf.data`.
+
+The flow, top to bottom:
+1. `load_index(config)` lists the examples of TFDS `stanford_dogs` or of a folder in the
+   layout of the official images.tar, with class order identical to TFDS's, and splits them
+   into train / validation / test (the official lists when present, else seeded and stratified).
+2. `load_images(split, image_size, ...)` decodes and resizes one split (or one Ray Train
+   worker's share of it) once, in parallel, into a cache of uint8 arrays; files that do not
+   decode are skipped and counted with the reason.
+3. `make_dataset(images, labels, ...)` turns cached arrays into batches through a chain of
+   small preprocessing ops (big_vision style): `flip_lr|rotate(0.1)|onehot(120)` for train,
+   `onehot(120)` for evaluation. Models do their own scaling (see `models.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from typing import Callable, Iterable
+
+import numpy as np
+import tensorflow as tf
+
+from dogbreeds.config import DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+TFDS_NAME = "stanford_dogs"
+
+
+@dataclasses.dataclass
+class Split:
+    """One split: how to read each example (a file path or a TFDS record) and its label."""
+
+    keys: list[str]
+    labels: np.ndarray  # int32 class indices
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, positions: Iterable[int]) -> "Split":
+        positions = list(positions)
+        return Split([self.keys[i] for i in positions], self.labels[positions].astype(np.int32))
+
+
+@dataclasses.dataclass
+class DatasetIndex:
+    """The classes and splits of a dataset, and the files passed over while listing it."""
+
+    class_names: list[str]  # readable breed names, in TFDS's class order
+    class_folders: list[str]  # `n02085620-Chihuahua`, as in images.tar
+    splits: dict[str, Split]  # train, validation, test
+    source: str  # "tfds" or the folder
+    split_origin: str  # "official lists", "tfds", or "seeded stratified split"
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def breed_name(folder: str) -> str:
+    """`n02085620-Chihuahua` -> `Chihuahua`; `n02099601-golden_retriever` -> `golden retriever`."""
+    name = folder.split("-", 1)[1] if re.match(r"^n\d{8}-", folder) else folder
+    return name.replace("_", " ")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Listing and splitting.
+
+
+def load_index(config: DataConfig) -> DatasetIndex:
+    """List and split the examples of the configured source."""
+    if config.data_dir is None:
+        index = _tfds_index(config)
+    else:
+        index = _folder_index(config)
+    index.splits = _carve_splits(index.splits, config)
+    return index
+
+
+def _folder_index(config: DataConfig) -> DatasetIndex:
+    root = os.path.abspath(os.path.expanduser(config.data_dir))
+    if not os.path.isdir(root):
+        raise ValueError(f"data folder not found: {config.data_dir}")
+    images_dir = os.path.join(root, "Images")
+    if not os.path.isdir(images_dir):
+        images_dir = root  # also accept the breed folders directly
+    folders = sorted(
+        (d for d in os.listdir(images_dir) if os.path.isdir(os.path.join(images_dir, d))),
+        key=str.lower,  # TFDS's order: sorted lower-cased folder names
+    )
+    paths, labels, skipped = [], [], []
+    for label, folder in enumerate(folders):
+        for file_name in sorted(os.listdir(os.path.join(images_dir, folder))):
+            path = os.path.join(images_dir, folder, file_name)
+            if file_name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(path)
+                labels.append(label)
+            elif not file_name.startswith("."):
+                skipped.append((path, "not an image file extension"))
+    if not paths:
+        raise ValueError(
+            f"no images in {config.data_dir}: expected Images/<synset>-<breed>/*.jpg "
+            "(the layout of Stanford Dogs' images.tar)"
+        )
+    labels = np.asarray(labels, np.int32)
+    train_list = os.path.join(root, "lists", "train_list.mat")
+    test_list = os.path.join(root, "lists", "test_list.mat")
+    if os.path.isfile(train_list) and os.path.isfile(test_list):
+        position = {os.path.relpath(p, images_dir): i for i, p in enumerate(paths)}
+        whole = Split(paths, labels)
+        splits = {
+            "train": whole.take(_mat_positions(train_list, position)),
+            "test": whole.take(_mat_positions(test_list, position)),
+        }
+        origin = "official lists"
+    else:
+        train, test = _stratified_split(labels, config.test_fraction, config.seed)
+        splits = {"train": Split(paths, labels).take(train), "test": Split(paths, labels).take(test)}
+        origin = "seeded stratified split"
+    return DatasetIndex(
+        [breed_name(f) for f in folders], folders, splits, root, origin, skipped
+    )
+
+
+def _mat_positions(mat_path: str, position: dict[str, int]) -> list[int]:
+    import scipy.io
+
+    entries = scipy.io.loadmat(mat_path, squeeze_me=True)["file_list"]
+    return [position[str(e)] for e in np.atleast_1d(entries) if str(e) in position]
+
+
+def _tfds_index(config: DataConfig) -> DatasetIndex:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(TFDS_NAME, data_dir=config.tfds_dir)
+        builder.download_and_prepare()
+    except Exception as error:  # noqa: BLE001 - any download failure gets the same advice
+        raise ValueError(
+            f"could not download or prepare TFDS {TFDS_NAME!r} ({type(error).__name__}: "
+            f"{str(error)[:200]}). On a machine without internet, pass --data-dir DIR with a "
+            "folder in the layout of Stanford Dogs' images.tar (Images/<synset>-<breed>/*.jpg)."
+        ) from error
+    folders = builder.info.features["label"].names
+    splits = {}
+    for split in ("train", "test"):
+        records = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+        labels = np.fromiter((int(x) for x in records.map(lambda r: r["label"])), np.int32)
+        splits[split] = Split([f"tfds:{split}:{i}" for i in range(len(labels))], labels)
+    return DatasetIndex([breed_name(f) for f in folders], list(folders), splits, "tfds", "tfds")
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int):
+    """Positions of (rest, held out): `fraction` of each class held out; when `fraction` > 0,
+    at least one image of each class that has two or more."""
+    rng = np.random.default_rng(seed)
+    rest, held = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = int(round(len(members) * fraction))
+        if fraction > 0:
+            count = min(max(count, 1 if len(members) > 1 else 0), len(members) - 1)
+        held.extend(members[:count])
+        rest.extend(members[count:])
+    return sorted(rest), sorted(held)
+
+
+def _carve_splits(splits: dict[str, Split], config: DataConfig) -> dict[str, Split]:
+    """Subset the train split if asked, then carve validation from it."""
+    train = splits["train"]
+    rng = np.random.default_rng(config.seed)
+    if config.subset_per_class is not None or config.subset_fraction is not None:
+        keep = []
+        for label in np.unique(train.labels):
+            members = rng.permutation(np.flatnonzero(train.labels == label))
+            count = len(members)
+            if config.subset_per_class is not None:
+                count = min(count, config.subset_per_class)
+            if config.subset_fraction is not None:
+                count = max(1, int(round(count * config.subset_fraction)))
+            keep.extend(members[:count])
+        train = train.take(sorted(keep))
+    rest, validation = _stratified_split(train.labels, config.validation_fraction, config.seed)
+    return {"train": train.take(rest), "validation": train.take(validation), "test": splits["test"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Preprocessing ops: small `dict -> dict` functions on one example, chained by name.
+
+_OPS: dict[str, Callable[..., Callable[[dict], dict]]] = {}
+
+
+def register_op(name: str):
+    """Register a factory `get_op(*args) -> (dict -> dict)` under `name`."""
+
+    def decorator(factory):
+        _OPS[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_ops() -> list[str]:
+    return sorted(_OPS)
+
+
+def build_ops(chain: str) -> Callable[[dict], dict]:
+    """`"decode|resize(64)|onehot(120)"` -> one function applying the ops in order."""
+    ops = []
+    for spec in filter(None, (s.strip() for s in chain.split("|"))):
+        match = re.fullmatch(r"(\w+)(?:\((.*)\))?", spec)
+        if not match or match.group(1) not in _OPS:
+            raise ValueError(f"unknown preprocessing op {spec!r}; known: {list_ops()}")
+        args = json.loads(f"[{match.group(2) or ''}]")
+        ops.append(_OPS[match.group(1)](*args))
+
+    def apply(data: dict) -> dict:
+        for op in ops:
+            data = op(data)
+        return data
+
+    return apply
+
+
+@register_op("decode")
+def get_decode():
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> uint8 RGB (grayscale, CMYK, alpha, 16-bit
+    all become 8-bit RGB; an animation gives its first frame)."""
+
+    def decode(data):
+        image = tf.io.decode_image(
+            data["image"], channels=3, expand_animations=False, dtype=tf.uint8
+        )
+        image.set_shape([None, None, 3])
+        return {**data, "image": image}
+
+    return decode
+
+
+@register_op("resize")
+def get_resize(size: int):
+    """Any image -> `size` x `size` uint8, bilinear with antialiasing (no aspect crop)."""
+
+    def resize(data):
+        image = tf.image.resize(data["image"], [size, size], antialias=True)
+        return {**data, "image": tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)}
+
+    return resize
+
+
+@register_op("flip_lr")
+def get_flip_lr():
+    """Mirror half of the images, decided by the example's `seed`."""
+
+    def flip_lr(data):
+        image = tf.image.stateless_random_flip_left_right(data["image"], data["seed"])
+        return {**data, "image": image}
+
+    return flip_lr
+
+
+@register_op("rotate")
+def get_rotate(factor: float):
+    """Rotate by a random angle in +-`factor` of a full turn, decided by the example's `seed`
+    (reflecting the edges, like Keras' RandomRotation)."""
+
+    def rotate(data):
+        image = data["image"]
+        angle = factor * 2 * math.pi * tf.random.stateless_uniform([], data["seed"], -1.0, 1.0)
+        height = tf.cast(tf.shape(image)[0], tf.float32)
+        width = tf.cast(tf.shape(image)[1], tf.float32)
+        cos, sin = tf.cos(angle), tf.sin(angle)
+        # The projective transform maps output to input coordinates around the centre.
+        x_offset = ((width - 1) - (cos * (width - 1) - sin * (height - 1))) / 2.0
+        y_offset = ((height - 1) - (sin * (width - 1) + cos * (height - 1))) / 2.0
+        transform = tf.stack([cos, -sin, x_offset, sin, cos, y_offset, 0.0, 0.0])
+        rotated = tf.raw_ops.ImageProjectiveTransformV3(
+            images=tf.cast(image, tf.float32)[None],
+            transforms=transform[None],
+            output_shape=tf.shape(image)[:2],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="REFLECT",
+        )[0]
+        return {**data, "image": tf.cast(tf.round(rotated), image.dtype)}
+
+    return rotate
+
+
+@register_op("onehot")
+def get_onehot(num_classes: int):
+    """An integer `label` -> a one-hot float32 vector."""
+
+    def onehot(data):
+        return {**data, "label": tf.one_hot(data["label"], num_classes, dtype=tf.float32)}
+
+    return onehot
+
+
+def augment_chain(config: DataConfig) -> str:
+    """The train-only augmentation ops the configuration asks for."""
+    ops = ["flip_lr"] if config.horizontal_flip else []
+    if config.rotation_factor:
+        ops.append(f"rotate({config.rotation_factor})")
+    return "|".join(ops)
+
+
+def decode_and_resize(encoded: bytes | tf.Tensor, image_size: int) -> np.ndarray:
+    """One encoded image -> uint8 `image_size` x `image_size` x 3, exactly as in training.
+
+    Serving calls this, so a served photo is prepared the same way as a training photo."""
+    return _decode_resize_fn(image_size)({"image": encoded})["image"].numpy()
+
+
+def _decode_resize_fn(image_size: int):
+    return build_ops(f"decode|resize({image_size})")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Decoding once into a cache of resized images.
+
+
+def load_images(
+    split: Split,
+    image_size: int,
+    config: DataConfig,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    tfds_dir: str | None = None,
+):
+    """Decode and resize a split (or shard `shard_index` of `num_shards`: every
+    `num_shards`-th example) into uint8 arrays, cached on disk.
+
+    Returns (images [N, S, S, 3] uint8, labels [N] int32, skipped [(key, reason)]).
+    """
+    positions = range(shard_index, len(split), num_shards)
+    part = split.take(positions)
+    cache_path = os.path.join(config.cache_dir, f"{_fingerprint(part, image_size)}.npz")
+    if os.path.exists(cache_path):
+        with np.load(cache_path, allow_pickle=False) as cached:
+            skipped = [tuple(s) for s in json.loads(str(cached["skipped"]))]
+            return cached["images"], cached["labels"], skipped
+    images, kept, skipped = _decode_all(part, image_size, tfds_dir or config.tfds_dir)
+    labels = part.labels[kept]
+    os.makedirs(config.cache_dir, exist_ok=True)
+    temporary = f"{cache_path}.{os.getpid()}.tmp.npz"
+    np.savez(temporary, images=images, labels=labels, skipped=json.dumps(skipped))
+    os.replace(temporary, cache_path)  # atomic: concurrent workers never read half a file
+    return images, labels, skipped
+
+
+def _fingerprint(split: Split, image_size: int) -> str:
+    digest = hashlib.sha256(f"{image_size}".encode())
+    for key in split.keys:
+        stat = "" if key.startswith("tfds:") else os.stat(key)
+        digest.update(f"{key}:{getattr(stat, 'st_size', '')}:{getattr(stat, 'st_mtime_ns', '')}".encode())
+    return digest.hexdigest()[:24]
+
+
+def _read_bytes(split: Split, tfds_dir: str | None) -> tf.data.Dataset:
+    """(position, encoded bytes) for every example of the split, in order."""
+    if not split.keys or not split.keys[0].startswith("tfds:"):
+        return tf.data.Dataset.from_tensor_slices(split.keys).map(
+            tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE
+        ).enumerate()
+    import tensorflow_datasets as tfds
+
+    tfds_split = split.keys[0].split(":")[1]
+    record_to_position = {int(k.split(":")[2]): i for i, k in enumerate(split.keys)}
+    records = tf.constant(sorted(record_to_position), tf.int64)
+    positions = tf.constant([record_to_position[r] for r in sorted(record_to_position)], tf.int64)
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(records, positions), -1)
+    dataset = tfds.load(
+        TFDS_NAME, split=tfds_split, data_dir=tfds_dir, shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    return (
+        dataset.enumerate()
+        .map(lambda i, record: (table.lookup(i), record["image"]))
+        .filter(lambda position, image: position >= 0)
+    )
+
+
+def _decode_all(split: Split, image_size: int, tfds_dir: str | None):
+    """Decode in parallel, skipping what fails; returns (images, kept positions, skipped)."""
+    decode_resize = _decode_resize_fn(image_size)
+    decoded = (
+        _read_bytes(split, tfds_dir)
+        .map(
+            lambda position, encoded: (position, decode_resize({"image": encoded})["image"]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=False,
+        )
+        .ignore_errors()
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    images = np.zeros((len(split), image_size, image_size, 3), np.uint8)
+    ok = np.zeros(len(split), bool)
+    for position, image in decoded.as_numpy_iterator():
+        images[position] = image
+        ok[position] = True
+    skipped = []
+    for position in np.flatnonzero(~ok):  # rare: decode again only to say why
+        key, reason = split.keys[position], "could not be decoded"
+        try:
+            if not key.startswith("tfds:"):
+                decode_resize({"image": tf.io.read_file(key)})
+        except Exception as error:  # noqa: BLE001 - the reason is what we report
+            reason = str(error).strip().splitlines()[-1][:200] or type(error).__name__
+        skipped.append((key, reason))
+    kept = np.flatnonzero(ok)
+    return images[kept], kept, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Batches for Keras.
+
+
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    batch_size: int,
+    config: DataConfig,
+    training: bool = False,
+    repeat: bool = False,
+) -> tf.data.Dataset:
+    """Batches of (float32 images in [0, 255], one-hot labels) from cached arrays.
+
+    Training shuffles and augments (on the fly, a new view each epoch; or the study's fixed
+    `augmented_views` per image); evaluation does neither. `repeat` loops forever, for the
+    equal step counts that synchronous multi-worker training needs.
+    """
+    views = config.augmented_views if training else 0
+    epoch = iter(range(1 << 62))  # a new seed each pass makes on-the-fly views differ
+
+    def examples():
+        rng = np.random.default_rng([config.seed, next(epoch)])
+        count = len(images) * max(views, 1)
+        order = rng.permutation(count) if training else range(count)
+        for item in order:
+            index = item % len(images)
+            # Fixed views depend only on (image, view); on-the-fly ones on the pass too.
+            seed = (config.seed, int(item)) if views else (int(rng.integers(1 << 31)), index)
+            yield images[index], labels[index], np.asarray(seed, np.int64)
+
+    size = images.shape[1]
+    dataset = tf.data.Dataset.from_generator(
+        examples,
+        output_signature=(
+            tf.TensorSpec((size, size, 3), tf.uint8),
+            tf.TensorSpec((), tf.int32),
+            tf.TensorSpec((2,), tf.int64),
+        ),
+    )
+    ops = build_ops((augment_chain(config) + "|" if training else "") + f"onehot({num_classes})")
+    dataset = dataset.map(
+        lambda image, label, seed: _to_model_inputs(ops({"image": image, "label": label, "seed": seed})),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    dataset = dataset.batch(batch_size)
+    if repeat:
+        dataset = dataset.repeat()
+    options = tf.data.Options()
+    # Each Ray Train worker already reads only its own share (see `load_images`).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _to_model_inputs(data: dict):
+    return tf.cast(data["image"], tf.float32), data["label"]
+
+
+def summarize(index: DatasetIndex) -> dict:
+    """Classes, images per class and split, and what was skipped: for `dogbreeds data`."""
+    per_class = {name: 0 for name in index.class_names}
+    for split in index.splits.values():
+        for label in split.labels:
+            per_class[index.class_names[label]] += 1
+    return {
+        "source": index.source,
+        "split": index.split_origin,
+        "num_classes": index.num_classes,
+        "num_images": int(sum(per_class.values())),
+        "splits": {name: len(split) for name, split in index.splits.items()},
+        "images_per_class": per_class,
+        "skipped": [{"file": key, "reason": reason} for key, reason in index.skipped],
+    }

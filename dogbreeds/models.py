@@ -1,0 +1,253 @@
+"""The model registry: the study's CNNs and the transfer models on frozen ImageNet backbones.
+
+Every model takes raw RGB pixels in [0, 255] at its input size and does its own scaling as
+its first layer, so the data pipeline, evaluation, export and serving all feed it the same
+thing and cannot drift:
+
+    model = create_model("xception", num_classes=120, image_size=299, weights="imagenet")
+    list_models()  # ['cnn1', 'cnn3', 'cnn3v2', 'mobilenet_025', 'resnet50v2', 'xception']
+
+Builders are tiny functions under `@register_model`; hyperparameters come in as a mapping
+(or a `keras_tuner.HyperParameters`, as in a Keras Tuner hypermodel), with the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from typing import Any, Callable, Mapping
+
+import tf_keras as keras
+
+# How a model scales [0, 255] pixels. "symmetric" is what `preprocess_input` does for
+# Xception, ResNet50V2 and MobileNet ("tf" mode: x / 127.5 - 1); feeding those backbones
+# [0, 255] or [0, 1] instead is how the study's ResNet50V2 ended at 12%.
+SCALINGS = {
+    "unit": dict(scale=1 / 255.0, offset=0.0),
+    "symmetric": dict(scale=1 / 127.5, offset=-1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of the system reads from a model: its input size and scaling."""
+
+    name: str
+    build: Callable[..., keras.Model]
+    image_size: int  # the study's input size
+    scaling: str  # a key of SCALINGS
+    hparams: Mapping[str, Any]  # defaults of the builder's hyperparameters
+    description: str
+    backbone: str | None = None  # the keras.applications class of a transfer model
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name, *, image_size, scaling, hparams, description, backbone=None):
+    """Register a builder `build(hparams, num_classes, image_size, weights) -> keras.Model`."""
+
+    def decorator(build):
+        _REGISTRY[name] = ModelSpec(
+            name, build, image_size, scaling, dict(hparams), description, backbone
+        )
+        return build
+
+    return decorator
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return sorted(name for name in _REGISTRY if fnmatch.fnmatch(name, pattern))
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The registry entry for `name`; an unknown name is an error listing the known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def resolve_hparams(name: str, hparams: Mapping[str, Any] | Any | None = None) -> dict:
+    """The model's default hyperparameters updated with `hparams`; unknown keys are errors."""
+    spec = get_model_spec(name)
+    # A keras_tuner.HyperParameters keeps its chosen values in `.values`.
+    values = dict(hparams if isinstance(hparams, Mapping) else getattr(hparams, "values", {}))
+    unknown = sorted(set(values) - set(spec.hparams))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameters {unknown} for {name}; known: {sorted(spec.hparams)}"
+        )
+    return {**spec.hparams, **values}
+
+
+def create_model(
+    name: str,
+    num_classes: int = 120,
+    image_size: int | None = None,
+    weights: str | None = None,
+    hparams: Mapping[str, Any] | Any | None = None,
+) -> keras.Model:
+    """Build a registered model taking [0, 255] RGB images of `image_size` (default: its own)."""
+    spec = get_model_spec(name)
+    image_size = image_size or spec.image_size
+    model = spec.build(resolve_hparams(name, hparams), num_classes, image_size, weights)
+    return model
+
+
+def build_scaling(scaling: str) -> keras.layers.Layer:
+    """The layer that maps [0, 255] pixels to what a model expects."""
+    return keras.layers.Rescaling(**SCALINGS[scaling], name="scaling")
+
+
+def _input_and_scaling(name: str, image_size: int):
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    return inputs, build_scaling(get_model_spec(name).scaling)(inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study's CNNs, trained from scratch.
+
+
+@register_model(
+    "cnn1",
+    image_size=299,
+    scaling="unit",
+    hparams={"dropout_rate": 0.25},
+    description="one convolution and a dense layer: the study's first baseline (89.7M params)",
+)
+def build_cnn1(hparams, num_classes, image_size, weights):
+    inputs, x = _input_and_scaling("cnn1", image_size)
+    x = keras.layers.Conv2D(32, 3, activation="relu")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Dropout(hparams["dropout_rate"])(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(128, activation="relu")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="cnn1")
+
+
+@register_model(
+    "cnn3",
+    image_size=299,
+    scaling="unit",
+    hparams={"dropout_rate": 0.25},
+    description="three convolutions and a dense layer (82.7M params)",
+)
+def build_cnn3(hparams, num_classes, image_size, weights):
+    inputs, x = _input_and_scaling("cnn3", image_size)
+    for filters, pool in ((32, True), (64, True), (128, False)):
+        x = keras.layers.Conv2D(filters, 3, activation="relu")(x)
+        if pool:
+            x = keras.layers.MaxPooling2D(2)(x)
+        x = keras.layers.Dropout(hparams["dropout_rate"])(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(128, activation="relu")(x)
+    x = keras.layers.Dropout(hparams["dropout_rate"])(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="cnn3")
+
+
+@register_model(
+    "cnn3v2",
+    image_size=299,
+    scaling="unit",
+    hparams={
+        "filters_1": 16,
+        "filters_2": 32,
+        "filters_3": 64,
+        "dropout_1": True,
+        "dropout_2": True,
+        "dropout_rate": 0.25,
+    },
+    description="three convolutions with batch norm and global pooling (47,720 params); "
+    "its filters and dropouts are the cnn3v2 search's hyperparameters",
+)
+def build_cnn3v2(hparams, num_classes, image_size, weights):
+    inputs, x = _input_and_scaling("cnn3v2", image_size)
+    # Pools of 4 then 2 with "same" padding: 299 -> 75 -> 37, as in the study.
+    for index, pool in ((1, 4), (2, 2), (3, None)):
+        x = keras.layers.Conv2D(hparams[f"filters_{index}"], 3, padding="same")(x)
+        # No scale: a ReLU follows, so gamma would be redundant (the study's 47,496 trainable).
+        # momentum 0.9 (Keras: 0.99) lets the moving statistics settle within a few hundred
+        # steps, so short runs evaluate well; it changes no parameter count.
+        x = keras.layers.BatchNormalization(scale=False, momentum=0.9)(x)
+        x = keras.layers.ReLU()(x)
+        if pool:
+            x = keras.layers.MaxPooling2D(pool, padding="same")(x)
+            if hparams[f"dropout_{index}"]:
+                x = keras.layers.Dropout(hparams["dropout_rate"])(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(128, activation="relu")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="cnn3v2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer learning: a frozen ImageNet backbone and a new head.
+
+HEAD_HPARAMS = {"dropout_rate": 0.2, "hidden_units": 0}
+
+
+def build_head(hparams, num_classes: int, feature_dim: int) -> keras.Model:
+    """The trainable head on pooled backbone features: Dropout, optional Dense, softmax."""
+    features = keras.Input((feature_dim,), name="features")
+    x = keras.layers.Dropout(hparams["dropout_rate"])(features)
+    if hparams["hidden_units"]:
+        x = keras.layers.Dense(hparams["hidden_units"], activation="relu")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(features, outputs, name="head")
+
+
+def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Model:
+    """The frozen, globally pooled backbone of a transfer model, scaling included.
+
+    `weights` is "imagenet" (Keras downloads them), a local .h5 file without the top (for
+    machines with no internet), or None for random weights.
+    """
+    spec = get_model_spec(name)
+    if weights not in (None, "imagenet") and not os.path.isfile(weights):
+        raise ValueError(f"weights file not found: {weights}")
+    application = getattr(keras.applications, spec.backbone)
+    options = {"alpha": 0.25} if spec.backbone == "MobileNet" else {}
+    network = application(
+        include_top=False,
+        weights=weights,
+        input_shape=(image_size, image_size, 3),
+        pooling="avg",
+        **options,
+    )
+    network.trainable = False
+    inputs, x = _input_and_scaling(name, image_size)
+    # training=False keeps batch norm in inference mode even when the head trains.
+    return keras.Model(inputs, network(x, training=False), name=f"{name}_backbone")
+
+
+def _build_transfer(name: str):
+    def build(hparams, num_classes, image_size, weights):
+        backbone = build_backbone(name, image_size, weights)
+        head = build_head(hparams, num_classes, backbone.output_shape[-1])
+        return keras.Model(backbone.input, head(backbone.output), name=name)
+
+    return build
+
+
+for _name, _backbone, _size, _about in (
+    ("xception", "Xception", 299, "Xception on ImageNet, frozen, with a new head"),
+    ("resnet50v2", "ResNet50V2", 299, "ResNet50V2 on ImageNet, frozen, with a new head"),
+    (
+        "mobilenet_025",
+        "MobileNet",
+        224,
+        "MobileNet v1 (alpha 0.25) on ImageNet, frozen, with a new head: transfer on a CPU",
+    ),
+):
+    register_model(
+        _name,
+        image_size=_size,
+        scaling="symmetric",
+        hparams=HEAD_HPARAMS,
+        description=_about,
+        backbone=_backbone,
+    )(_build_transfer(_name))

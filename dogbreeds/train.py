@@ -1,0 +1,289 @@
+"""Training on Ray Train: a per-worker function around `model.fit`, and the driver that runs
+it on N workers with `TensorflowTrainer` (MultiWorkerMirroredStrategy).
+
+    metrics = run_training(DataConfig(data_dir=...), TrainConfig(model="cnn3v2"), "runs/x")
+
+The run directory receives `config.json`, `model.keras`, `metrics.json`, `confusions.csv`,
+`history.json` and `tensorboard/`; Ray keeps a checkpoint each epoch under `ray/`, and a run
+whose worker dies resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from dogbreeds import data, evaluate, models
+from dogbreeds.config import DataConfig, TrainConfig, from_dict, to_dict
+
+# Files of a finished run, copied from its final Ray checkpoint into the run directory.
+RUN_FILES = ("model.keras", "metrics.json", "confusions.csv", "history.json")
+
+
+def build_metrics():
+    """The study's metrics: categorical accuracy, precision, recall, and top-5 accuracy."""
+    import tf_keras as keras
+
+    return [
+        keras.metrics.CategoricalAccuracy(name="accuracy"),
+        keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"),
+        keras.metrics.Precision(name="precision"),
+        keras.metrics.Recall(name="recall"),
+    ]
+
+
+def compile_model(model, train_config: TrainConfig) -> None:
+    """Adam and categorical cross-entropy, as in the study."""
+    import tf_keras as keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(train_config.learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_config.label_smoothing),
+        metrics=build_metrics(),
+    )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What each Ray Train worker runs: read its share of the data, `fit`, report each epoch
+    with a checkpoint; then rank 0 evaluates the best weights on the test split."""
+    import ray.train
+    import tensorflow as tf
+    import tf_keras as keras
+
+    data_config = from_dict(DataConfig, loop_config["data"])
+    train_config = from_dict(TrainConfig, loop_config["train"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    try:  # two TensorFlow processes with default pools fight over the same cores
+        tf.config.threading.set_intra_op_parallelism_threads(train_config.cpus_per_worker)
+        tf.config.threading.set_inter_op_parallelism_threads(train_config.cpus_per_worker)
+    except RuntimeError:
+        pass  # TensorFlow already started in this process: keep its pools
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    spec = models.get_model_spec(train_config.model)
+    image_size = data_config.image_size or spec.image_size
+    index = data.load_index(data_config)
+    train_images, train_labels, skipped = data.load_images(
+        index.splits["train"], image_size, data_config, rank, world_size
+    )
+    val_images, val_labels, val_skipped = data.load_images(
+        index.splits["validation"], image_size, data_config, rank, world_size
+    )
+    # Synchronous training needs the same step count on every worker: the smallest share.
+    batch_size = train_config.per_worker_batch_size
+    views = max(data_config.augmented_views, 1)
+    smallest_train = len(index.splits["train"]) // world_size * views
+    smallest_val = max(len(index.splits["validation"]) // world_size, 1)
+    steps_per_epoch = max(smallest_train // batch_size, 1)
+    validation_steps = max(-(-smallest_val // batch_size), 1)
+    train_dataset = data.make_dataset(
+        train_images, train_labels, index.num_classes, batch_size, data_config, True, True
+    )
+    val_dataset = data.make_dataset(
+        val_images, val_labels, index.num_classes, batch_size, data_config, False, True
+    )
+
+    keras.utils.set_random_seed(train_config.seed)
+    with strategy.scope():
+        model = models.create_model(
+            train_config.model, index.num_classes, image_size, train_config.weights,
+            train_config.hparams,
+        )
+        compile_model(model, train_config)
+
+    initial_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted run: continue from the last epoch reported
+        with checkpoint.as_directory() as directory:
+            model.load_weights(os.path.join(directory, "weights.h5"))
+            with open(os.path.join(directory, "state.json")) as handle:
+                state = json.load(handle)
+        initial_epoch, history = state["epoch"], state["history"]
+        keras.backend.set_value(model.optimizer.learning_rate, state["learning_rate"])
+
+    run_dir = loop_config["run_dir"]
+    # Only rank 0 writes where people look; the others write to scratch space.
+    log_dir = os.path.join(run_dir, "tensorboard") if rank == 0 else tempfile.mkdtemp()
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=train_config.early_stopping_patience,
+            restore_best_weights=True,
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=train_config.reduce_lr_factor,
+            patience=train_config.reduce_lr_patience,
+        ),
+        keras.callbacks.TensorBoard(log_dir=log_dir),
+        _make_report_callback(rank, history),
+    ]
+    started = time.time()
+    model.fit(
+        train_dataset,
+        epochs=train_config.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=val_dataset,
+        validation_steps=validation_steps,
+        callbacks=callbacks,
+        verbose=2 if rank == 0 else 0,
+    )
+    train_seconds = time.time() - started
+
+    # Every worker saves (saving a distributed model is collective); rank 0 evaluates its copy
+    # outside the strategy, so no other worker has to take part, and reports the final files.
+    with tempfile.TemporaryDirectory() as final_dir:
+        model.save(os.path.join(final_dir, "model.keras"))
+        _save_state(final_dir, model, history)  # resuming a finished run only re-evaluates
+        final_checkpoint = None
+        if rank == 0:
+            plain = keras.models.load_model(os.path.join(final_dir, "model.keras"))
+            test_images, test_labels, test_skipped = data.load_images(
+                index.splits["test"], image_size, data_config
+            )
+            full_val_images, full_val_labels, _ = data.load_images(
+                index.splits["validation"], image_size, data_config
+            )
+            test_metrics, confusions = evaluate.evaluate_model(
+                plain, test_images, test_labels, index.class_names
+            )
+            val_metrics, _ = evaluate.evaluate_model(
+                plain, full_val_images, full_val_labels, index.class_names
+            )
+            metrics = {
+                "model": train_config.model,
+                "image_size": image_size,
+                "class_names": index.class_names,
+                "test": test_metrics,
+                "validation": val_metrics,
+                "epochs_run": len(history),
+                "resumed_from_epoch": initial_epoch,  # > 0 when a restart resumed a checkpoint
+                "train_seconds": round(train_seconds, 2),
+                "workers": world_size,
+                "num_train_images": len(index.splits["train"]),
+                "skipped": [list(s) for s in index.skipped + skipped + val_skipped + test_skipped],
+            }
+            _write_json(os.path.join(final_dir, "metrics.json"), metrics)
+            _write_json(os.path.join(final_dir, "history.json"), history)
+            evaluate.write_confusions(os.path.join(final_dir, "confusions.csv"), confusions)
+            final_checkpoint = ray.train.Checkpoint.from_directory(final_dir)
+        ray.train.report(
+            {"final": 1, "epoch": len(history), **(history[-1] if history else {})},
+            checkpoint=final_checkpoint,
+        )
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as handle:
+        json.dump(value, handle, indent=1)
+
+
+def _save_state(directory: str, model, history: list) -> None:
+    """What a restarted run needs: the weights, the epochs done and the learning rate."""
+    import tf_keras as keras
+
+    model.save_weights(os.path.join(directory, "weights.h5"))
+    learning_rate = float(keras.backend.get_value(model.optimizer.learning_rate))
+    state = {"epoch": len(history), "history": history, "learning_rate": learning_rate}
+    _write_json(os.path.join(directory, "state.json"), state)
+
+
+def _make_report_callback(rank: int, history: list):
+    import ray.train
+    import tf_keras as keras
+
+    class ReportEachEpoch(keras.callbacks.Callback):
+        """Report each epoch's metrics to Ray with a checkpoint to resume from."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+            history.append(row)
+            with tempfile.TemporaryDirectory() as directory:
+                # Saving is collective under the strategy: every worker saves, rank 0 reports.
+                _save_state(directory, self.model, history)
+                checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+                ray.train.report(row, checkpoint=checkpoint)
+
+    return ReportEachEpoch()
+
+
+def run_training(
+    data_config: DataConfig,
+    train_config: TrainConfig,
+    run_dir: str,
+    callbacks: list | None = None,
+    resume: bool = False,
+) -> dict:
+    """Train `train_config.model` on Ray Train and leave the run's files in `run_dir`.
+
+    Starts a local Ray if none is running. `callbacks` are Ray Train callbacks (a Tune trial
+    passes `TuneReportCallback`). A run directory that already holds a run is an error
+    unless `resume`, which continues it from its last checkpoint. Returns the run's metrics
+    (also in `metrics.json`).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    models.get_model_spec(train_config.model)  # an unknown model fails before Ray starts
+    models.resolve_hparams(train_config.model, train_config.hparams)
+    if train_config.weights not in (None, "imagenet") and not os.path.isfile(train_config.weights):
+        raise ValueError(f"weights file not found: {train_config.weights}")
+    run_dir = os.path.abspath(run_dir)
+    if os.path.exists(os.path.join(run_dir, "ray", "train")) and not resume:
+        raise ValueError(f"{run_dir} holds a run already: resume it, or choose another output")
+    os.makedirs(run_dir, exist_ok=True)
+    _write_json(
+        os.path.join(run_dir, "config.json"),
+        {"data": to_dict(data_config), "train": to_dict(train_config), "versions": versions()},
+    )
+    if not ray.is_initialized():
+        ray.init()
+    resources = {"CPU": train_config.cpus_per_worker}
+    if train_config.gpus_per_worker:
+        resources["GPU"] = train_config.gpus_per_worker
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "data": to_dict(data_config),
+            "train": to_dict(train_config),
+            "run_dir": run_dir,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=train_config.workers,
+            use_gpu=bool(train_config.gpus_per_worker),
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=os.path.join(run_dir, "ray"),
+            failure_config=FailureConfig(max_failures=train_config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        for name in RUN_FILES:
+            shutil.copy(os.path.join(directory, name), os.path.join(run_dir, name))
+    with open(os.path.join(run_dir, "metrics.json")) as handle:
+        return json.load(handle)
+
+
+def versions() -> dict:
+    """The versions that produced a run, saved beside its configuration."""
+    import importlib.metadata as metadata
+    import platform
+
+    found = {"python": platform.python_version()}
+    for package in ("dogbreeds", "ray", "tensorflow", "tf-keras", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found

@@ -1,0 +1,249 @@
+"""The data stage on real files: listing, splitting, every preprocessing op (eagerly and inside
+tf.data), odd image formats, corrupt files, the cache and the batches."""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io
+import tensorflow as tf
+from PIL import Image
+
+from dogbreeds import data
+from dogbreeds.config import DataConfig
+from tests.conftest import SAMPLE_DIR, TINY_DIR
+
+
+def _example(size=48):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)
+    return {"image": tf.constant(image), "label": tf.constant(3), "seed": tf.constant([7, 11], tf.int64)}
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+# Arguments for every registered op, and an input it accepts.
+OP_CASES = {
+    "decode": ("decode", lambda: {"image": tf.constant(_encoded(Image.new("RGB", (30, 20), (200, 10, 10)), "JPEG"))}),
+    "resize": ("resize(16)", _example),
+    "flip_lr": ("flip_lr", _example),
+    "rotate": ("rotate(0.1)", _example),
+    "onehot": ("onehot(5)", _example),
+}
+
+
+def test_every_op_has_a_case():
+    assert sorted(OP_CASES) == data.list_ops()
+
+
+@pytest.mark.parametrize("name", data.list_ops())
+def test_op_is_the_same_eagerly_and_inside_tf_data(name):
+    chain, make_input = OP_CASES[name]
+    op = data.build_ops(chain)
+    eager = op(make_input())
+    dataset = tf.data.Dataset.from_tensors(make_input()).map(op)
+    graph = next(iter(dataset))
+    for key in eager:
+        np.testing.assert_array_equal(eager[key].numpy(), graph[key].numpy())
+
+
+def test_ops_do_what_they_say():
+    example = _example()
+    image = example["image"].numpy()
+    assert data.build_ops("resize(16)")(example)["image"].shape == (16, 16, 3)
+    flipped = [data.build_ops("flip_lr")({**example, "seed": tf.constant([s, 0], tf.int64)})["image"].numpy() for s in range(8)]
+    assert any(np.array_equal(f, image[:, ::-1]) for f in flipped)
+    assert any(np.array_equal(f, image) for f in flipped)
+    rotated = data.build_ops("rotate(0.25)")(example)["image"].numpy()
+    assert rotated.shape == image.shape and not np.array_equal(rotated, image)
+    assert np.array_equal(data.build_ops("rotate(0.0)")(example)["image"].numpy(), image)
+    onehot = data.build_ops("onehot(5)")(example)["label"].numpy()
+    np.testing.assert_array_equal(onehot, [0, 0, 0, 1, 0])
+    with pytest.raises(ValueError, match="unknown preprocessing op"):
+        data.build_ops("decode|sharpen(2)")
+
+
+def test_odd_formats_decode_to_rgb():
+    """Grayscale, CMYK, alpha, 16-bit, palette GIF (first frame), WebP: all 8-bit RGB."""
+    colours = np.zeros((40, 50, 3), np.uint8)
+    colours[:, :25] = (200, 30, 40)
+    colours[:, 25:] = (20, 180, 60)
+    rgb = Image.fromarray(colours)
+    frames = [rgb, Image.fromarray(255 - colours)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    cases = {
+        "cmyk": _encoded(rgb.convert("CMYK"), "JPEG", quality=95),
+        "rgba": _encoded(rgb.convert("RGBA"), "PNG"),
+        "png": _encoded(rgb, "PNG"),
+        "webp": _encoded(rgb, "WEBP", lossless=True),
+        "gif": gif.getvalue(),
+    }
+    for name, encoded in cases.items():
+        decoded = data.decode_and_resize(encoded, 40)
+        assert decoded.shape == (40, 40, 3) and decoded.dtype == np.uint8, name
+        # The left half stays red, the right half green (resizing 50 -> 40 wide).
+        assert abs(int(decoded[20, 5, 0]) - 200) < 12 and decoded[20, 35, 1] > 160, name
+    gray = data.decode_and_resize(_encoded(rgb.convert("L"), "JPEG"), 40)
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+    wide = Image.fromarray((np.linspace(0, 65535, 40 * 50).reshape(40, 50)).astype(np.uint16))
+    sixteen = data.decode_and_resize(_encoded(wide, "PNG"), 40)
+    assert sixteen.dtype == np.uint8 and sixteen.max() > 200 and sixteen.min() < 40
+
+
+def test_sample_folder_has_all_breeds_and_every_image(cache_dir):
+    config = DataConfig(data_dir=str(SAMPLE_DIR), cache_dir=cache_dir)
+    index = data.load_index(config)
+    assert index.num_classes == 120
+    assert sum(len(s) for s in index.splits.values()) == 301
+    assert index.class_names[0] == "Chihuahua" and index.class_folders[0] == "n02085620-Chihuahua"
+    assert "golden retriever" in index.class_names and "Shih-Tzu" in index.class_names
+    breeds = json.loads((SAMPLE_DIR / "breeds.json").read_text())
+    # TFDS's class order: sorted lower-cased folder names.
+    assert index.class_folders == sorted((b["folder"] for b in breeds), key=str.lower)
+    keys = [set(s.keys) for s in index.splits.values()]
+    assert not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    decoded = 0
+    for split in index.splits.values():
+        images, labels, skipped = data.load_images(split, 32, config)
+        assert skipped == [] and images.shape[1:] == (32, 32, 3)
+        decoded += len(images)
+    assert decoded == 301
+
+
+def test_the_grayscale_photo_is_decoded(cache_dir):
+    manifest = json.loads((SAMPLE_DIR / "manifest.json").read_text())
+    grayscale = [m["path"] for m in manifest if Image.open(SAMPLE_DIR / m["path"]).mode == "L"]
+    assert len(grayscale) == 1
+    image = data.decode_and_resize((SAMPLE_DIR / grayscale[0]).read_bytes(), 64)
+    assert image.shape == (64, 64, 3) and image.std() > 10
+
+
+def _small_folder(tmp_path, per_breed=6):
+    """A copy of a few tiny_dogs_64 breeds, for damaging without touching ../shared."""
+    root = tmp_path / "dogs"
+    for folder in sorted(os.listdir(TINY_DIR / "Images"))[:3]:
+        (root / "Images" / folder).mkdir(parents=True)
+        for name in sorted(os.listdir(TINY_DIR / "Images" / folder))[:per_breed]:
+            shutil.copy(TINY_DIR / "Images" / folder / name, root / "Images" / folder / name)
+    return root
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+    root = _small_folder(tmp_path)
+    breed = root / "Images" / sorted(os.listdir(root / "Images"))[0]
+    good = sorted(breed.iterdir())[0].read_bytes()
+    (breed / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (breed / "garbage.JPEG").write_bytes(os.urandom(500))
+    (breed / "empty.png").write_bytes(b"")
+    (breed / "notes.txt").write_text("not a photo")
+    config = DataConfig(data_dir=str(root), cache_dir=str(tmp_path / "cache"), test_fraction=0.0, validation_fraction=0.0)
+    index = data.load_index(config)
+    assert [os.path.basename(k) for k, _ in index.skipped] == ["notes.txt"]
+    images, labels, skipped = data.load_images(index.splits["train"], 32, config)
+    names = sorted(os.path.basename(key) for key, _ in skipped)
+    assert names == ["empty.png", "garbage.JPEG", "truncated.jpg"]
+    assert all(reason for _, reason in skipped)
+    assert len(images) == len(labels) == 18
+    again = data.load_images(index.splits["train"], 32, config)  # from the cache
+    assert np.array_equal(again[0], images) and sorted(os.path.basename(k) for k, _ in again[2]) == names
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="data folder not found"):
+        data.load_index(DataConfig(data_dir=str(tmp_path / "nope")))
+    (tmp_path / "Images" / "n02085620-Chihuahua").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images in"):
+        data.load_index(DataConfig(data_dir=str(tmp_path)))
+
+
+def test_official_lists_give_the_split(tmp_path):
+    root = _small_folder(tmp_path)
+    files = sorted(str(p.relative_to(root / "Images")) for p in (root / "Images").rglob("*.jpg"))
+    (root / "lists").mkdir()
+    scipy.io.savemat(root / "lists" / "train_list.mat", {"file_list": np.array(files[::2], dtype=object)})
+    scipy.io.savemat(root / "lists" / "test_list.mat", {"file_list": np.array(files[1::2], dtype=object)})
+    index = data.load_index(DataConfig(data_dir=str(root)))
+    assert index.split_origin == "official lists"
+    test = sorted(os.path.relpath(k, root / "Images") for k in index.splits["test"].keys)
+    assert test == files[1::2]
+    assert len(index.splits["train"]) + len(index.splits["validation"]) == len(files[::2])
+
+
+def test_splits_are_stratified_seeded_and_subsettable(cache_dir):
+    config = DataConfig(data_dir=str(TINY_DIR), cache_dir=cache_dir)
+    index = data.load_index(config)
+    assert {k: len(v) for k, v in index.splits.items()} == {"train": 2160, "validation": 240, "test": 600}
+    for split in index.splits.values():  # every breed in the same share
+        counts = np.bincount(split.labels, minlength=6)
+        assert counts.max() - counts.min() == 0
+    assert data.load_index(config).splits["test"].keys == index.splits["test"].keys
+    other = data.load_index(DataConfig(data_dir=str(TINY_DIR), seed=1))
+    assert other.splits["test"].keys != index.splits["test"].keys
+    subset = data.load_index(DataConfig(data_dir=str(TINY_DIR), subset_per_class=50))
+    assert len(subset.splits["train"]) + len(subset.splits["validation"]) == 300
+    assert subset.splits["test"].keys == index.splits["test"].keys  # test is never subset
+    fraction = data.load_index(DataConfig(data_dir=str(TINY_DIR), subset_fraction=0.5))
+    assert len(fraction.splits["train"]) + len(fraction.splits["validation"]) == 1200
+
+
+def test_workers_read_disjoint_shares(cache_dir):
+    config = DataConfig(data_dir=str(TINY_DIR), cache_dir=cache_dir)
+    split = data.load_index(config).splits["validation"]
+    shares = [data.load_images(split, 16, config, rank, 2) for rank in range(2)]
+    whole = data.load_images(split, 16, config)
+    assert len(shares[0][0]) + len(shares[1][0]) == len(whole[0])
+    np.testing.assert_array_equal(shares[1][0], whole[0][1::2])
+
+
+def test_batches_for_training_and_evaluation(cache_dir):
+    config = DataConfig(data_dir=str(TINY_DIR), cache_dir=cache_dir, augmented_views=3)
+    index = data.load_index(config)
+    images, labels, _ = data.load_images(index.splits["validation"], 32, config)
+    evaluation = list(data.make_dataset(images, labels, 6, 64, config))
+    x, y = evaluation[0]
+    assert x.dtype == tf.float32 and x.shape == (64, 32, 32, 3) and y.shape == (64, 6)
+    np.testing.assert_array_equal(x.numpy(), images[:64].astype("float32"))  # no augmentation
+    assert sum(len(b[0]) for b in evaluation) == len(images)
+    dataset = data.make_dataset(images, labels, 6, 64, config, training=True)
+    training = list(dataset)
+    assert sum(len(b[0]) for b in training) == 3 * len(images)  # the study's fixed views
+    again = list(dataset)  # the next epoch
+    # Fixed views: the same augmented images each epoch, in another order.
+    assert np.isclose(sum(float(b[0].numpy().sum()) for b in training), sum(float(b[0].numpy().sum()) for b in again), rtol=1e-6)
+    assert not np.array_equal(training[0][0].numpy(), again[0][0].numpy())
+
+
+def test_tfds_source_reads_stanford_dogs_records(tmp_path):
+    """The TFDS path (no download is possible here): TFDS's own mocking serves records of
+    real JPEGs from the sample in stanford_dogs' format; listing, splitting and decoding are
+    ours, unmocked."""
+    import tensorflow_datasets as tfds
+
+    files = sorted(SAMPLE_DIR.glob("Images/*/*"))[:20]
+
+    def as_dataset(self, split, decoders=None, **options):
+        records = files[:12] if split == "train" else files[12:]
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": [f.read_bytes() for f in records], "label": list(range(len(records)))}
+        )
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        config = DataConfig(cache_dir=str(tmp_path), validation_fraction=0.25)
+        index = data.load_index(config)
+        assert index.source == "tfds" and index.num_classes == 120
+        assert len(index.splits["train"]) + len(index.splits["validation"]) == 12
+        images, labels, skipped = data.load_images(index.splits["test"], 24, config)
+        assert images.shape == (8, 24, 24, 3) and skipped == []
+        np.testing.assert_array_equal(labels, index.splits["test"].labels)
+        expected = data.decode_and_resize(files[12 + 5].read_bytes(), 24)
+        np.testing.assert_array_equal(images[5], expected)
+        shard = data.load_images(index.splits["test"], 24, config, 1, 2)[0]
+        np.testing.assert_array_equal(shard, images[1::2])

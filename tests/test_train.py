@@ -1,0 +1,87 @@
+"""Real training on a local Ray: two Ray Train workers, from scratch and by transfer learning
+on the real ImageNet weights, on the real tiny_dogs_64 photos; and a worker killed mid-run."""
+
+import json
+import os
+import threading
+import time
+
+import psutil
+import pytest
+import tf_keras as keras
+
+from dogbreeds import cli
+from tests.conftest import MOBILENET_WEIGHTS, TINY_DIR
+
+pytestmark = pytest.mark.slow
+EPOCHS = 8  # equal for both models, so the comparison is fair
+
+
+def _train(output, *options):
+    argv = ["train", *options, "--data-dir", str(TINY_DIR), "--output", str(output)]
+    assert cli.main(argv) == 0
+    return json.loads((output / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cnn3v2_run(ray_cluster, cache_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cnn3v2")
+    options = ["cnn3v2", "--image-size", "64", "--epochs", str(EPOCHS), "--workers", "2"]
+    return output, _train(output, *options, "--cache-dir", cache_dir)
+
+
+def test_cnn3v2_on_two_workers_beats_chance(cnn3v2_run):
+    output, metrics = cnn3v2_run
+    assert metrics["workers"] == 2 and metrics["epochs_run"] >= 1
+    test = metrics["test"]
+    assert test["num_images"] == 600
+    assert test["top1"] > 0.25, test  # chance is 1/6
+    assert test["top5"] >= test["top1"] and 0 <= test["precision"] <= 1
+    assert set(test["per_breed_accuracy"]) == set(metrics["class_names"])
+    assert (output / "confusions.csv").read_text().startswith("true_breed,predicted_breed")
+    assert any("events" in name for _, _, names in os.walk(output / "tensorboard") for name in names)
+    config = json.loads((output / "config.json").read_text())
+    assert config["train"]["workers"] == 2 and config["versions"]["ray"].startswith("2.60")
+    model = keras.models.load_model(output / "model.keras")
+    assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 6)
+
+
+def test_transfer_on_imagenet_weights_beats_training_from_scratch(cnn3v2_run, cache_dir, tmp_path):
+    _, scratch = cnn3v2_run
+    options = ["mobilenet_025", "--image-size", "128", "--epochs", str(EPOCHS), "--workers", "2"]
+    transfer = _train(tmp_path, *options, "--weights", str(MOBILENET_WEIGHTS), "--cache-dir", cache_dir)
+    print("test top-1: cnn3v2", scratch["test"]["top1"], "mobilenet_025", transfer["test"]["top1"])
+    assert transfer["test"]["top1"] > scratch["test"]["top1"] + 0.1
+
+
+def test_existing_run_needs_resume(cnn3v2_run):
+    output, _ = cnn3v2_run
+    argv = ["train", "cnn3v2", "--data-dir", str(TINY_DIR), "--output", str(output)]
+    assert cli.main(argv) == 1
+
+
+def _train_workers():
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, cache_dir, tmp_path):
+    argv = [
+        "train", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32", "--epochs", "6",
+        "--workers", "2", "--output", str(tmp_path), "--cache-dir", cache_dir,
+    ]
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("code", cli.main(argv)))
+    thread.start()
+    checkpoints = tmp_path / "ray" / "train"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(checkpoints.glob("checkpoint_*"))) < 2:
+        time.sleep(0.5)
+    victims = _train_workers()
+    assert len(victims) == 2, "two Ray Train workers should be running"
+    victims[1].kill()
+    thread.join(timeout=600)
+    assert outcome.get("code") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] >= 1  # from a checkpoint, not from scratch
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
