@@ -4,7 +4,9 @@
     dogbreeds data --data-dir ../shared/data/tiny_dogs_64
     dogbreeds train cnn3v2 --data-dir ../shared/data/tiny_dogs_64 --image-size 64 --epochs 5 \
         --workers 2 --output runs/cnn3v2
+    dogbreeds report runs/cnn3v2
     dogbreeds bench pipeline --data-dir ../shared/data/stanford_dogs_sample
+    dogbreeds serve bundles/best --examples ../shared/data/stanford_dogs_sample
 
 Bad options and missing paths end in a one-line error, never a traceback.
 """
@@ -53,6 +55,33 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_search_options(parser: argparse.ArgumentParser, space: str) -> None:
+    parser.add_argument("--space", default=space, help=f"a search-space file (default: search_spaces/{space}.yaml)")
+    parser.add_argument("--trials", type=int, default=8, help="configurations to try (default: 8)")
+    parser.add_argument("--concurrent-trials", type=int, default=1, help="trials at once (default: 1)")
+    parser.add_argument("--algorithm", choices=["random", "tpe"], default="random",
+                        help="random search, or Optuna's TPE through Ray Tune")
+    parser.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                        help="ASHA stops poor trials early (default), or none")
+    parser.add_argument("--no-retrain", action="store_true", help="skip retraining the best on all data")
+    parser.add_argument("--output", required=True, help="the search directory")
+    parser.add_argument("--resume", action="store_true", help="continue the search in --output")
+
+
+def _add_head_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, help="xception, resnet50v2 or mobilenet_025")
+    parser.add_argument("--views", type=int, default=2, help="augmented views per train photo (the study: 9)")
+    parser.add_argument("--features-dir", help="where features are cached (default: OUTPUT/features)")
+    parser.add_argument("--feature-actors", type=int, default=1, help="Ray Data actors computing features")
+    parser.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per feature actor")
+
+
+def _add_serving_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replicas", type=int, default=1, help="classifier replicas (default: 1)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="photos per model call (default: 32)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10, help="wait to fill a batch (default: 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dogbreeds", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -70,6 +99,59 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--output", required=True, help="the run directory")
     train_parser.add_argument("--resume", action="store_true", help="continue the run in --output")
 
+    export_parser = commands.add_parser("export", help="turn a run into a servable bundle")
+    export_parser.add_argument("run_dir", help="a run directory (from train, search or pipeline)")
+    export_parser.add_argument("--output", required=True, help="the bundle directory")
+    export_parser.add_argument("--name", help="the served model's name (default: the model's)")
+
+    search_parser = commands.add_parser("search", help="a hyperparameter search on Ray Tune")
+    searches = search_parser.add_subparsers(dest="search", required=True, parser_class=_Parser)
+    for kind, about in (
+        ("cnn3v2", "the study's cnn3v2 search: a Ray Train run per trial"),
+        ("head", "the transfer-head search on cached backbone features"),
+    ):
+        parser_ = searches.add_parser(kind, help=about)
+        _add_data_options(parser_, "input size (default: the model's own)")
+        _add_train_options(parser_)
+        _add_search_options(parser_, "cnn3v2" if kind == "cnn3v2" else "transfer_head")
+        if kind == "head":
+            _add_head_options(parser_)
+
+    pipeline_parser = commands.add_parser(
+        "pipeline", help="the study end to end: both searches, final models, bundle, report"
+    )
+    pipeline_parser.add_argument("--profile", choices=["quick", "full"], default="quick",
+                                 help="quick: a laptop CPU in minutes; full: the study's settings")
+    _add_data_options(pipeline_parser, "not used: the profile sets image sizes")
+    pipeline_parser.add_argument("--weights", default="imagenet", help="the backbone's weights: imagenet or a local .h5")
+    pipeline_parser.add_argument("--feature-actors", type=int, default=1, help="Ray Data actors computing features")
+    pipeline_parser.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per feature actor")
+    pipeline_parser.add_argument("--output", required=True, help="the run directory")
+    pipeline_parser.add_argument("--resume", action="store_true", help="continue the run in --output")
+
+    report_parser = commands.add_parser("report", help="render a run directory to report.html")
+    report_parser.add_argument("run_dir", help="a run directory (from train, search or pipeline)")
+    report_parser.add_argument("--output", help="the HTML file (default: RUN_DIR/report.html)")
+    report_parser.add_argument(
+        "--no-predictions", action="store_true", help="skip loading the model for sample predictions"
+    )
+
+    serve_parser = commands.add_parser("serve", help="serve a bundle on Ray Serve: JSON API and Gradio UI")
+    serve_parser.add_argument("bundle", help="a bundle directory (from `dogbreeds export`)")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="listen here (default: 127.0.0.1; 0.0.0.0: everywhere)")
+    serve_parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve_parser.add_argument("--address", help="a running Ray cluster (default: start a local Ray)")
+    _add_serving_options(serve_parser)
+    serve_parser.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this many")
+    serve_parser.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs per classifier replica")
+    serve_parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per classifier replica")
+    serve_parser.add_argument("--tensorflow-threads", type=int, default=0,
+                              help="TensorFlow threads per replica (default 0: TensorFlow's own)")
+    serve_parser.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413 (default: 10)")
+    serve_parser.add_argument("--confidence-threshold", type=float, default=0.5,
+                              help="below this top probability the UI says it is not sure (default: 0.5)")
+    serve_parser.add_argument("--examples", help="a folder of example photos for the UI")
+
     bench_parser = commands.add_parser("bench", help="benchmarks that print and write JSON")
     benches = bench_parser.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     pipeline_bench = benches.add_parser(
@@ -77,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(pipeline_bench, "resize to this size (default: 224)")
     pipeline_bench.add_argument("--output", default="bench_pipeline.json", help="the JSON file")
+    serve_bench = benches.add_parser(
+        "serve", help="Serve requests/s and latency, batched and unbatched, against bare model.predict"
+    )
+    serve_bench.add_argument("bundle", help="a bundle directory (from `dogbreeds export`)")
+    serve_bench.add_argument("--data-dir", required=True, help="a folder of photos to send (searched recursively)")
+    _add_serving_options(serve_bench)
+    serve_bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients (default: 1 8 32)")
+    serve_bench.add_argument("--duration", type=float, default=10, help="seconds per measurement (default: 10)")
+    serve_bench.add_argument("--port", type=int, default=8000, help="Serve's HTTP port on 127.0.0.1")
+    serve_bench.add_argument("--output", default="bench_serve.json", help="the JSON file")
     return parser
 
 
@@ -153,7 +245,112 @@ def command_train(args) -> None:
         print(f"  {name:<16}{os.path.join(os.path.abspath(args.output), name)}")
 
 
+def _search_config(args):
+    from dogbreeds.search import SearchConfig
+
+    return SearchConfig(
+        space=args.space, trials=args.trials, concurrent_trials=args.concurrent_trials,
+        algorithm=args.algorithm, scheduler=args.scheduler, retrain_best=not args.no_retrain,
+    )
+
+
+def _print_artefacts(output: str, names) -> None:
+    for name in names:
+        path = os.path.join(os.path.abspath(output), name)
+        if os.path.exists(path):
+            print(f"  {name:<14}{path}")
+
+
+def command_search(args) -> None:
+    from dogbreeds import search
+
+    if args.search == "head":
+        args.model = args.backbone
+        best = search.search_head(
+            _data_config(args), _train_config(args), _search_config(args), args.output,
+            views=args.views, features_dir=args.features_dir, actors=args.feature_actors,
+            gpus_per_actor=args.gpus_per_actor, resume=args.resume,
+        )
+    else:
+        args.model = "cnn3v2"
+        best = search.search_cnn3v2(
+            _data_config(args), _train_config(args), _search_config(args), args.output, resume=args.resume
+        )
+    _write_report(args.output)
+    print(f"best trial {best['trial_id']}: validation accuracy {best['val_accuracy']:.3f}, {best['hparams']}")
+    if "final" in best:
+        print(f"final model: validation {best['final']['validation']:.3f}, test {best['final']['test']:.3f}")
+    _print_artefacts(args.output, ["results.csv", "best.json", "final", "report.html", "tune"])
+
+
+def _write_report(output: str) -> None:
+    try:
+        from dogbreeds.report import write_report
+    except ImportError:  # the report stage has not landed yet
+        return
+    write_report(output)
+
+
+def command_pipeline(args) -> None:
+    from dogbreeds.pipeline import run_pipeline
+
+    weights = None if args.weights.lower() == "none" else args.weights
+    summary = run_pipeline(
+        args.profile, _data_config(args), args.output, weights=weights, resume=args.resume,
+        feature_actors=args.feature_actors, gpus_per_actor=args.gpus_per_actor,
+    )
+    _write_report(args.output)
+    print(f"chosen: {summary['chosen']} (by validation accuracy); final models: {summary['final']}")
+    for name, path in summary["artefacts"].items():
+        print(f"  {name:<20}{path}")
+
+
+def command_export(args) -> None:
+    from dogbreeds.export import export_bundle
+
+    if not os.path.isfile(os.path.join(args.run_dir, "metrics.json")):
+        raise ValueError(f"not a finished run (no metrics.json): {args.run_dir}")
+    info = export_bundle(args.run_dir, args.output, args.name)
+    print(f"bundle {info['name']} version {info['version']}: {os.path.abspath(args.output)}")
+
+
+def command_report(args) -> None:
+    from dogbreeds.report import write_report
+
+    print(write_report(args.run_dir, args.output, predictions=not args.no_predictions))
+
+
+def command_serve(args) -> None:
+    from dogbreeds import serve
+
+    serve_args = serve.parse_serve_args(
+        bundle=args.bundle, num_replicas=args.replicas, max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms, max_replicas=args.max_replicas,
+        num_cpus_per_replica=args.cpus_per_replica, num_gpus_per_replica=args.gpus_per_replica,
+        tensorflow_threads=args.tensorflow_threads, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        confidence_threshold=args.confidence_threshold, examples_dir=args.examples,
+    )
+    serve.run_server(serve_args, args.host, args.port, args.address)
+
+
+def command_bench_serve(args) -> None:
+    from dogbreeds import serve
+
+    serve.parse_serve_args(bundle=args.bundle, num_replicas=args.replicas, max_batch_size=args.max_batch_size,
+                           batch_wait_ms=args.batch_wait_ms)  # bad options fail before Ray starts
+    result = serve.bench_serve(
+        args.bundle, args.data_dir, tuple(args.concurrency), args.duration, args.max_batch_size,
+        args.batch_wait_ms, args.replicas, args.port,
+    )
+    print(json.dumps(result, indent=1))
+    with open(args.output, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(f"wrote {args.output}")
+
+
 def command_bench(args) -> None:
+    if args.bench == "serve":
+        return command_bench_serve(args)
     from dogbreeds import bench
 
     result = bench.bench_pipeline(_data_config(args), args.image_size or 224)
@@ -167,6 +364,11 @@ COMMANDS = {
     "models": command_models,
     "data": command_data,
     "train": command_train,
+    "export": command_export,
+    "search": command_search,
+    "pipeline": command_pipeline,
+    "report": command_report,
+    "serve": command_serve,
     "bench": command_bench,
 }
 

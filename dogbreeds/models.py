@@ -187,14 +187,14 @@ def build_cnn3v2(hparams, num_classes, image_size, weights):
 # ---------------------------------------------------------------------------------------------
 # Transfer learning: a frozen ImageNet backbone and a new head.
 
-HEAD_HPARAMS = {"dropout_rate": 0.2, "hidden_units": 0}
+HEAD_HPARAMS = {"dropout_rate": 0.2, "hidden_layer": False, "hidden_units": 256}
 
 
 def build_head(hparams, num_classes: int, feature_dim: int) -> keras.Model:
     """The trainable head on pooled backbone features: Dropout, optional Dense, softmax."""
     features = keras.Input((feature_dim,), name="features")
     x = keras.layers.Dropout(hparams["dropout_rate"])(features)
-    if hparams["hidden_units"]:
+    if hparams["hidden_layer"]:
         x = keras.layers.Dense(hparams["hidden_units"], activation="relu")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     return keras.Model(features, outputs, name="head")

@@ -10,6 +10,7 @@ whose worker dies resumes from the last one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -120,7 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             patience=train_config.reduce_lr_patience,
         ),
         keras.callbacks.TensorBoard(log_dir=log_dir),
-        _make_report_callback(rank, history),
+        _make_report_callback(rank, history, run_dir),
     ]
     started = time.time()
     model.fit(
@@ -143,31 +144,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
         final_checkpoint = None
         if rank == 0:
             plain = keras.models.load_model(os.path.join(final_dir, "model.keras"))
-            test_images, test_labels, test_skipped = data.load_images(
-                index.splits["test"], image_size, data_config
-            )
+            test_skipped = []
             full_val_images, full_val_labels, _ = data.load_images(
                 index.splits["validation"], image_size, data_config
             )
-            test_metrics, confusions = evaluate.evaluate_model(
-                plain, test_images, test_labels, index.class_names
-            )
-            val_metrics, _ = evaluate.evaluate_model(
+            val_metrics, confusions = evaluate.evaluate_model(
                 plain, full_val_images, full_val_labels, index.class_names
             )
             metrics = {
                 "model": train_config.model,
                 "image_size": image_size,
                 "class_names": index.class_names,
-                "test": test_metrics,
                 "validation": val_metrics,
                 "epochs_run": len(history),
                 "resumed_from_epoch": initial_epoch,  # > 0 when a restart resumed a checkpoint
                 "train_seconds": round(train_seconds, 2),
                 "workers": world_size,
                 "num_train_images": len(index.splits["train"]),
-                "skipped": [list(s) for s in index.skipped + skipped + val_skipped + test_skipped],
             }
+            # Search trials stop here: the test split is for the final model only.
+            if loop_config["evaluate_test"]:
+                test_images, test_labels, test_skipped = data.load_images(
+                    index.splits["test"], image_size, data_config
+                )
+                metrics["test"], confusions = evaluate.evaluate_model(
+                    plain, test_images, test_labels, index.class_names
+                )
+            skipped = index.skipped + skipped + val_skipped + test_skipped
+            metrics["skipped"] = [list(item) for item in skipped]
             _write_json(os.path.join(final_dir, "metrics.json"), metrics)
             _write_json(os.path.join(final_dir, "history.json"), history)
             evaluate.write_confusions(os.path.join(final_dir, "confusions.csv"), confusions)
@@ -176,6 +180,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
             {"final": 1, "epoch": len(history), **(history[-1] if history else {})},
             checkpoint=final_checkpoint,
         )
+
+
+def absolute_paths(data_config: DataConfig, train_config: TrainConfig):
+    """The configurations with absolute paths: Ray workers run in other directories."""
+
+    def absolute(path):
+        return os.path.abspath(os.path.expanduser(path)) if path else path
+
+    data_config = dataclasses.replace(
+        data_config,
+        data_dir=absolute(data_config.data_dir),
+        tfds_dir=absolute(data_config.tfds_dir),
+        cache_dir=absolute(data_config.cache_dir),
+    )
+    if train_config.weights not in (None, "imagenet"):
+        train_config = dataclasses.replace(train_config, weights=absolute(train_config.weights))
+    return data_config, train_config
 
 
 def _write_json(path: str, value) -> None:
@@ -193,7 +214,7 @@ def _save_state(directory: str, model, history: list) -> None:
     _write_json(os.path.join(directory, "state.json"), state)
 
 
-def _make_report_callback(rank: int, history: list):
+def _make_report_callback(rank: int, history: list, run_dir: str):
     import ray.train
     import tf_keras as keras
 
@@ -203,6 +224,8 @@ def _make_report_callback(rank: int, history: list):
         def on_epoch_end(self, epoch, logs=None):
             row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
             history.append(row)
+            if rank == 0:  # live curves, and the history of a trial that a scheduler stops
+                _write_json(os.path.join(run_dir, "history.json"), history)
             with tempfile.TemporaryDirectory() as directory:
                 # Saving is collective under the strategy: every worker saves, rank 0 reports.
                 _save_state(directory, self.model, history)
@@ -218,13 +241,15 @@ def run_training(
     run_dir: str,
     callbacks: list | None = None,
     resume: bool = False,
+    evaluate_test: bool = True,
 ) -> dict:
     """Train `train_config.model` on Ray Train and leave the run's files in `run_dir`.
 
     Starts a local Ray if none is running. `callbacks` are Ray Train callbacks (a Tune trial
     passes `TuneReportCallback`). A run directory that already holds a run is an error
-    unless `resume`, which continues it from its last checkpoint. Returns the run's metrics
-    (also in `metrics.json`).
+    unless `resume`, which continues it from its last checkpoint. Search trials pass
+    `evaluate_test=False`: their confusions are then the validation split's. Returns the
+    run's metrics (also in `metrics.json`).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -234,6 +259,7 @@ def run_training(
     models.resolve_hparams(train_config.model, train_config.hparams)
     if train_config.weights not in (None, "imagenet") and not os.path.isfile(train_config.weights):
         raise ValueError(f"weights file not found: {train_config.weights}")
+    data_config, train_config = absolute_paths(data_config, train_config)
     run_dir = os.path.abspath(run_dir)
     if os.path.exists(os.path.join(run_dir, "ray", "train")) and not resume:
         raise ValueError(f"{run_dir} holds a run already: resume it, or choose another output")
@@ -253,6 +279,7 @@ def run_training(
             "data": to_dict(data_config),
             "train": to_dict(train_config),
             "run_dir": run_dir,
+            "evaluate_test": evaluate_test,
         },
         scaling_config=ScalingConfig(
             num_workers=train_config.workers,
