@@ -68,3 +68,250 @@ def bench_pipeline(config: DataConfig, image_size: int) -> dict:
         "augmented_epoch_from_cache_images_per_s": _rate(count, epoch_seconds),
         "decode_speedup_over_bare": round(bare_seconds / decode_seconds, 2),
     }
+
+
+def bench_heads(data_config: DataConfig, model: str, weights, image_size: int, views: int,
+                trials: int, epochs: int) -> dict:
+    """The same head trials (hyperparameters, epochs, augmented views) trained on cached
+    features and end to end on the photos, in one run; plus the features' one-off cost and
+    the per-trial overhead of Tune + Train over a bare `model.fit` of the same trial."""
+    import ray
+    import tf_keras as keras
+    from ray import tune
+
+    from dogbreeds import models, search
+    from dogbreeds.config import TrainConfig
+    from dogbreeds.features import cache_features
+    from dogbreeds.train import absolute_paths, compile_model
+
+    if not ray.is_initialized():
+        ray.init()
+    data_config = dataclasses.replace(data_config, image_size=image_size, augmented_views=views)
+    # No early stopping: both arms run every epoch, so they do the same work.
+    train_config = TrainConfig(model=model, weights=weights, epochs=epochs, early_stopping_patience=epochs + 1)
+    data_config, train_config = absolute_paths(data_config, train_config)
+    weights = train_config.weights
+    index = data.load_index(data_config)
+    hp, _ = search.load_space("transfer_head")
+    space = search.to_tune_space(hp)
+    random_state = np.random.RandomState(data_config.seed)
+    configs = [
+        search.active_values(hp, {name: domain.sample(random_state=random_state) if isinstance(domain, tune.search.sample.Domain) else domain for name, domain in space.items()})
+        for _ in range(trials)
+    ]
+    train_images, train_labels, _ = data.load_images(index.splits["train"], image_size, data_config)
+    val_images, val_labels, _ = data.load_images(index.splits["validation"], image_size, data_config)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        features = cache_features(index, model, weights, image_size, views, data_config, os.path.join(scratch, "features"))
+        cache_seconds = time.perf_counter() - started
+
+        cached_seconds, cached_accuracy = [], []
+        for number, values in enumerate(configs):
+            trial_dir = os.path.join(scratch, f"cached{number}")
+            os.makedirs(trial_dir)
+            started = time.perf_counter()
+            _, history = search.fit_head(values, train_config, features, index.num_classes, trial_dir)
+            cached_seconds.append(time.perf_counter() - started)
+            cached_accuracy.append(history[-1]["val_accuracy"])
+
+        end_to_end_seconds, end_to_end_accuracy = [], []
+        for values in configs:
+            head_hparams, overrides = search.split_values(model, values)
+            trial_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
+            started = time.perf_counter()
+            keras.utils.set_random_seed(trial_config.seed)
+            network = models.create_model(model, index.num_classes, image_size, weights, head_hparams)
+            compile_model(network, trial_config)
+            fitted = network.fit(
+                data.make_dataset(train_images, train_labels, index.num_classes, trial_config.per_worker_batch_size, data_config, training=True),
+                validation_data=data.make_dataset(val_images, val_labels, index.num_classes, trial_config.per_worker_batch_size, data_config),
+                epochs=epochs, verbose=0,
+            )
+            end_to_end_seconds.append(time.perf_counter() - started)
+            end_to_end_accuracy.append(fitted.history["val_accuracy"][-1])
+
+        # The first trial again, end to end as a search runs it: a Tune trial whose driver
+        # launches a Ray Train run (1 worker).
+        head_hparams, overrides = search.split_values(model, configs[0])
+        trial_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
+        trainable = tune.with_parameters(_tune_train_trial, data_config=data_config, train_config=trial_config, run_dir=os.path.join(scratch, "tune_train"))
+        started = time.perf_counter()
+        results = tune.Tuner(
+            tune.with_resources(trainable, {"CPU": 0.01}),
+            run_config=tune.RunConfig(storage_path=os.path.join(scratch, "tune"), name="bench"),
+        ).fit()
+        ray_train_seconds = time.perf_counter() - started
+        if results.errors:
+            raise RuntimeError(f"the Tune + Train trial failed: {results.errors[0]}")
+
+    cached_total, end_to_end_total = sum(cached_seconds), sum(end_to_end_seconds)
+    return {
+        "benchmark": "heads",
+        "model": model,
+        "image_size": image_size,
+        "views": views,
+        "trials": trials,
+        "epochs": epochs,
+        "num_train_images": len(train_images),
+        "cpu_count": os.cpu_count(),
+        "feature_cache_seconds": round(cache_seconds, 2),
+        "cached_trials_seconds": round(cached_total, 2),
+        "end_to_end_trials_seconds": round(end_to_end_total, 2),
+        "speedup_trials": round(end_to_end_total / cached_total, 1),
+        "speedup_including_cache": round(end_to_end_total / (cached_total + cache_seconds), 1),
+        "cached_val_accuracy": [round(a, 4) for a in cached_accuracy],
+        "end_to_end_val_accuracy": [round(a, 4) for a in end_to_end_accuracy],
+        "bare_fit_seconds_first_trial": round(end_to_end_seconds[0], 2),
+        "tune_train_seconds_first_trial": round(ray_train_seconds, 2),
+        "tune_train_overhead_seconds_per_trial": round(ray_train_seconds - end_to_end_seconds[0], 2),
+    }
+
+
+def _tune_train_trial(config, data_config, train_config, run_dir):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from dogbreeds.train import run_training
+
+    run_training(data_config, train_config, run_dir, callbacks=[TuneReportCallback()], evaluate_test=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# `bench_serve`: the Serve application under load, batched and unbatched, against bare calls.
+
+SERVE_BENCH_APP = "dogbreeds-bench"
+
+
+def _photo_files(folder: str) -> list[str]:
+    """Every photo under `folder`, sorted."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"photo folder not found: {folder}")
+    return sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith(data.IMAGE_EXTENSIONS)
+    )
+
+
+async def _serve_load(url: str, photos: list[bytes], concurrency: int, duration_s: float) -> dict:
+    """`concurrency` clients posting photos back to back for `duration_s`."""
+    import asyncio
+
+    import httpx
+
+    latencies, errors = [], 0
+    deadline = time.perf_counter() + duration_s
+
+    async def client_loop(client, offset):
+        nonlocal errors
+        index = offset
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            response = await client.post(
+                url, content=photos[index % len(photos)], headers={"content-type": "image/jpeg"}
+            )
+            latencies.append(time.perf_counter() - started)
+            errors += response.status_code != 200
+            index += concurrency
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, offset) for offset in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    milliseconds = np.asarray(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(milliseconds, 50)), 1),
+        "p99_ms": round(float(np.percentile(milliseconds, 99)), 1),
+    }
+
+
+def _bare_images_per_s(step, batch_size: int, duration_s: float) -> float:
+    step()  # warm-up
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < duration_s:
+        step()
+        count += batch_size
+    return round(count / (time.perf_counter() - started), 1)
+
+
+def bench_serve(
+    bundle_dir: str,
+    photo_dir: str,
+    concurrencies: tuple[int, ...] = (1, 8, 32),
+    duration_s: float = 10.0,
+    max_batch_size: int = 32,
+    batch_wait_ms: float = 10.0,
+    num_replicas: int = 1,
+    port: int = 8000,
+) -> dict:
+    """Requests/s and p50/p99 latency of `POST /predict` at each concurrency, batched and
+    unbatched (the same replicas), against a bare `model.predict` at the same batch size.
+
+    Runs on the Ray and Serve of this process if there are, else starts them locally."""
+    import asyncio
+
+    from ray import serve
+
+    from dogbreeds.export import load_bundle
+    from dogbreeds.serve import ServeArgs, build_app, build_forward, start_serve
+
+    paths = _photo_files(photo_dir)[:64]
+    if not paths:
+        raise ValueError(f"no photos in {photo_dir}")
+    photos = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            photos.append(handle.read())
+    start_serve("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}/bench/predict"
+    result = {
+        "benchmark": "serve",
+        "bundle": os.path.abspath(bundle_dir),
+        "photos": len(photos),
+        "cpu_count": os.cpu_count(),
+        "num_replicas": num_replicas,
+        "max_batch_size": max_batch_size,
+        "batch_wait_ms": batch_wait_ms,
+        "duration_s": duration_s,
+    }
+    for mode, batch_size in (("batched", max_batch_size), ("unbatched", 1)):
+        args = ServeArgs(bundle=bundle_dir, max_batch_size=batch_size, batch_wait_ms=batch_wait_ms,
+                         num_replicas=num_replicas)
+        serve.run(build_app(args), name=SERVE_BENCH_APP, route_prefix="/bench")
+        try:
+            asyncio.run(_serve_load(url, photos, max(concurrencies), min(duration_s, 2.0)))  # warm-up
+            result[mode] = {
+                str(concurrency): asyncio.run(_serve_load(url, photos, concurrency, duration_s))
+                for concurrency in concurrencies
+            }
+        finally:
+            serve.delete(SERVE_BENCH_APP)
+
+    # Bare, in this process, with Serve idle: Keras' model.predict, the same traced graph the
+    # classifier runs, and that graph after the bundle's decoding, all on one full batch.
+    bundle = load_bundle(bundle_dir)
+    forward = build_forward(bundle)
+    batch = [photos[i % len(photos)] for i in range(max_batch_size)]
+    prepared = np.stack([bundle.prepare(photo) for photo in batch]).astype(np.float32)
+    bare = {
+        "bare_model_predict_images_per_s": lambda: bundle.model.predict(prepared, batch_size=max_batch_size, verbose=0),
+        "bare_forward_images_per_s": lambda: forward(prepared).numpy(),
+        "bare_decode_and_forward_images_per_s": lambda: forward(
+            np.stack([bundle.prepare(photo) for photo in batch]).astype(np.float32)
+        ).numpy(),
+    }
+    for key, step in bare.items():
+        result[key] = _bare_images_per_s(step, max_batch_size, duration_s)
+    top = str(max(concurrencies))
+    batched, unbatched = result["batched"][top]["requests_per_s"], result["unbatched"][top]["requests_per_s"]
+    result[f"batched_over_unbatched_at_{top}"] = round(batched / unbatched, 2) if unbatched else None
+    for key in bare:
+        name = key.removeprefix("bare_").removesuffix("_images_per_s")
+        result[f"serve_at_{top}_over_bare_{name}"] = round(batched / result[key], 3)
+    return result

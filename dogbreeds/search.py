@@ -295,7 +295,7 @@ def fit_head(values: dict, train_config: TrainConfig, features: dict, num_classe
     import numpy as np
     import tf_keras as keras
 
-    from dogbreeds.train import compile_model
+    from dogbreeds.train import build_callbacks, compile_model
 
     head_hparams, overrides = split_values(train_config.model, values)
     train_config = dataclasses.replace(train_config, **overrides)
@@ -319,12 +319,7 @@ def fit_head(values: dict, train_config: TrainConfig, features: dict, num_classe
         batch_size=train_config.per_worker_batch_size,
         epochs=train_config.epochs,
         validation_data=(validation["features"], keras.utils.to_categorical(validation["labels"], num_classes)),
-        callbacks=[
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_config.early_stopping_patience, restore_best_weights=True),
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=train_config.reduce_lr_factor, patience=train_config.reduce_lr_patience),
-            keras.callbacks.TensorBoard(os.path.join(trial_dir, "tensorboard")),
-            Report(),
-        ],
+        callbacks=build_callbacks(train_config, os.path.join(trial_dir, "tensorboard")) + [Report()],
         verbose=0,
     )
     head.save_weights(os.path.join(trial_dir, "head.weights.h5"))
@@ -352,13 +347,11 @@ def search_head(
     """The transfer-head search for `train_config.model` (a transfer model): features once,
     head trials on them, then the best head joined to its backbone and tested end to end on
     the test photos. Returns best.json's contents."""
-    import shutil
-
     from ray import tune
 
-    from dogbreeds import data, evaluate
+    from dogbreeds import data
     from dogbreeds.features import cache_features
-    from dogbreeds.train import absolute_paths, versions
+    from dogbreeds.train import absolute_paths
 
     spec = models.get_model_spec(train_config.model)
     if not spec.backbone:
@@ -383,12 +376,28 @@ def search_head(
     best = write_results(results, hp, output, "head")
     best["features"] = features
 
-    # The best head joined to its backbone: one Keras model, raw photo in, breed out.
+    metrics = _join_best_head(output, best, index, data_config, train_config, image_size, views)
+    best["final"] = {"validation": metrics["validation"]["top1"], "test": metrics["test"]["top1"]}
+    with open(os.path.join(output, "best.json"), "w") as handle:
+        json.dump(best, handle, indent=1)
+    return best
+
+
+def _join_best_head(output, best, index, data_config, train_config, image_size, views) -> dict:
+    """The best head joined to its backbone as one Keras model (raw photo in, breed out),
+    evaluated end to end, written as `final/` like a training run; returns its metrics."""
+    import shutil
+
+    from dogbreeds import data, evaluate
+    from dogbreeds.config import to_dict
+    from dogbreeds.train import versions
+
     final_dir = os.path.join(output, "final")
+    trial_dir = os.path.join(output, "trials", best["trial_id"])
     os.makedirs(final_dir, exist_ok=True)
     head_hparams, overrides = split_values(train_config.model, best["hparams"])
     model = models.create_model(train_config.model, index.num_classes, image_size, train_config.weights, head_hparams)
-    model.get_layer("head").load_weights(os.path.join(output, "trials", best["trial_id"], "head.weights.h5"))
+    model.get_layer("head").load_weights(os.path.join(trial_dir, "head.weights.h5"))
     model.save(os.path.join(final_dir, "model.keras"))
     metrics = {"model": train_config.model, "image_size": image_size, "class_names": index.class_names}
     skipped = list(index.skipped)
@@ -398,14 +407,14 @@ def search_head(
         skipped += split_skipped
     metrics["skipped"] = [list(item) for item in skipped]
     evaluate.write_confusions(os.path.join(final_dir, "confusions.csv"), confusions)
-    shutil.copy(os.path.join(output, "trials", best["trial_id"], "history.json"), os.path.join(final_dir, "history.json"))
-    final_train = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
-    from dogbreeds.config import to_dict
-
-    for name, value in (("metrics.json", metrics), ("config.json", {"data": to_dict(data_config), "train": to_dict(final_train), "versions": versions(), "views": views})):
+    shutil.copy(os.path.join(trial_dir, "history.json"), os.path.join(final_dir, "history.json"))
+    config = {
+        "data": to_dict(data_config),
+        "train": to_dict(dataclasses.replace(train_config, hparams=head_hparams, **overrides)),
+        "views": views,
+        "versions": versions(),
+    }
+    for name, value in (("metrics.json", metrics), ("config.json", config)):
         with open(os.path.join(final_dir, name), "w") as handle:
             json.dump(value, handle, indent=1)
-    best["final"] = {"validation": metrics["validation"]["top1"], "test": metrics["test"]["top1"]}
-    with open(os.path.join(output, "best.json"), "w") as handle:
-        json.dump(best, handle, indent=1)
-    return best
+    return metrics

@@ -49,6 +49,24 @@ def compile_model(model, train_config: TrainConfig) -> None:
     )
 
 
+def build_callbacks(train_config: TrainConfig, log_dir: str) -> list:
+    """The study's schedule: early stopping on validation loss keeping the best weights, the
+    learning rate lowered on plateau; and TensorBoard logs."""
+    import tf_keras as keras
+
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=train_config.early_stopping_patience,
+            restore_best_weights=True,
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=train_config.reduce_lr_factor,
+            patience=train_config.reduce_lr_patience,
+        ),
+        keras.callbacks.TensorBoard(log_dir=log_dir),
+    ]
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """What each Ray Train worker runs: read its share of the data, `fit`, report each epoch
     with a checkpoint; then rank 0 evaluates the best weights on the test split."""
@@ -111,17 +129,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_dir = loop_config["run_dir"]
     # Only rank 0 writes where people look; the others write to scratch space.
     log_dir = os.path.join(run_dir, "tensorboard") if rank == 0 else tempfile.mkdtemp()
-    callbacks = [
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=train_config.early_stopping_patience,
-            restore_best_weights=True,
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=train_config.reduce_lr_factor,
-            patience=train_config.reduce_lr_patience,
-        ),
-        keras.callbacks.TensorBoard(log_dir=log_dir),
-        _make_report_callback(rank, history, run_dir),
+    callbacks = build_callbacks(train_config, log_dir) + [
+        _make_report_callback(rank, history, run_dir)
     ]
     started = time.time()
     model.fit(

@@ -1,5 +1,7 @@
-"""Every command in the README runs, as written (output folders moved to a temporary place)."""
+"""Every command in the README runs, as written, in order (output folders moved under one
+temporary `runs/`), and every `tensorboard --logdir` it shows serves what the run wrote."""
 
+import json
 import re
 import shlex
 import socket
@@ -28,6 +30,12 @@ def _dogbreeds_commands():
     return commands
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The README's `runs/`, shared by its commands as it is for a reader."""
+    return tmp_path_factory.mktemp("readme") / "runs"
+
+
 def test_the_quick_start_has_two_commands_and_ci_runs_the_second():
     first, second = [block.strip() for block in BLOCKS[:2]]
     assert first.startswith(SETUP) and second.startswith(SETUP)
@@ -36,37 +44,55 @@ def test_the_quick_start_has_two_commands_and_ci_runs_the_second():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", _dogbreeds_commands())
-def test_readme_command(command, ray_cluster, tmp_path, monkeypatch):
+def test_readme_command(command, ray_cluster, runs, monkeypatch):
     monkeypatch.chdir(ROOT)
-    argv = [arg.replace("runs/", f"{tmp_path}/runs/") for arg in shlex.split(command)]
+    argv = [arg.replace("runs/", f"{runs}/") for arg in shlex.split(command)]
     assert cli.main(argv) == 0
-    for output in re.findall(r"--output (\S+)", command):
-        assert (tmp_path / output.removeprefix("runs/")).parent.exists()
+    for output in re.findall(r"--output runs/(\S+)", command):
+        assert (runs / output).exists()
 
 
 @pytest.mark.slow
-def test_tensorboard_command_serves_a_run(ray_cluster, tmp_path):
-    logdir = re.search(r"`tensorboard --logdir (\S+)`", README).group(1)
-    run = logdir.split("/")[1]
-    train = next(c for c in _dogbreeds_commands() if f"--output runs/{run}" in c)
-    assert cli.main([a.replace("runs/", f"{tmp_path}/runs/") for a in shlex.split(train)] + ["--epochs", "1"]) == 0
+@pytest.mark.parametrize("logdir", re.findall(r"`tensorboard --logdir runs/(\S+)`", README))
+def test_tensorboard_command_serves_a_run(logdir, runs):
+    assert (runs / logdir).is_dir(), "the README command that writes it runs first"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / logdir.removeprefix("runs/")),
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs / logdir),
          "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 60
-        runs = ""
-        while time.time() < deadline and "train" not in runs:
+        deadline, found = time.time() + 90, []
+        while time.time() < deadline and not any("validation" in run for run in found):
             try:
-                runs = urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5).read().decode()
+                found = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5).read())
             except OSError:
                 time.sleep(1)
-        assert "train" in runs and "validation" in runs
+        assert any("train" in run for run in found) and any("validation" in run for run in found), found
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_quick_pipeline_left_every_artefact(runs):
+    """The README's main command: both searches, the chosen model exported, the report."""
+    from dogbreeds.export import load_bundle
+    from tests.conftest import SAMPLE_DIR
+
+    quick = runs / "quick"
+    for stage in ("cnn3v2", "head"):
+        for name in ("results.csv", "best.json", "final/metrics.json", "final/model.keras"):
+            assert (quick / stage / name).exists(), f"{stage}/{name}"
+    assert (quick / "report.html").stat().st_size > 10_000
+    summary = json.loads((quick / "pipeline.json").read_text())
+    other = "cnn3v2" if summary["chosen"] == "head" else "head"
+    assert summary["final"][summary["chosen"]]["validation"] >= summary["final"][other]["validation"]
+    bundle = load_bundle(str(quick / "bundle"))
+    assert bundle.info["version"] == summary["bundle"]["version"] and len(bundle.class_names) == 6
+    photo = next(SAMPLE_DIR.glob("Images/n02085620-Chihuahua/*")).read_bytes()
+    probabilities = bundle.predict([photo])
+    assert probabilities.shape == (1, 6) and abs(float(probabilities.sum()) - 1) < 1e-4

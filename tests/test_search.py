@@ -84,8 +84,15 @@ def test_cnn3v2_search_of_two_trials(ray_cluster, cache_dir, tmp_path):
     final = json.loads((tmp_path / "final" / "metrics.json").read_text())
     assert final["test"]["num_images"] == 600  # retrained without the subset, tested once
     assert json.loads((tmp_path / "final" / "config.json").read_text())["data"]["subset_per_class"] is None
-    hparams_events = [n for _, _, names in os.walk(tmp_path / "tune") for n in names if n.startswith("events.out")]
-    assert hparams_events, "Tune's TensorBoard logger should write the HParams view"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [os.path.join(d, n) for d, _, names in os.walk(tmp_path / "tune") for n in names if n.startswith("events.out")]
+    assert len(events) == 2
+    for path in events:  # Tune's TensorBoard logger writes the HParams view of each trial
+        accumulator = EventAccumulator(path)
+        accumulator.Reload()
+        assert "_hparams_/session_start_info" in accumulator.PluginTagToContent("hparams")
+        assert "ray/tune/val_accuracy" in accumulator.Tags()["scalars"]
 
 
 def _head_argv(output, features_dir, cache_dir, trials, epochs="6"):

@@ -1,0 +1,963 @@
+"""The report: every run directory renders to one self-contained `report.html`.
+
+    write_report("runs/cnn3v2")  # -> runs/cnn3v2/report.html, as `dogbreeds report runs/cnn3v2`
+
+The report shows what the directory holds and leaves out what it does not:
+- a training run (`dogbreeds train`, and a search's `final/`): the headline test metrics,
+  learning curves, accuracy per breed, the most confused breed pairs with example photos of
+  both breeds, and the model's predictions on a few test photos;
+- a search (`dogbreeds search`: `results.csv`, `best.json`, `trials/<id>/history.json`,
+  `final/`): every trial's learning curve, validation accuracy against each hyperparameter,
+  the trials table, the chosen hyperparameters, then `final/` as a training run;
+- a pipeline: its searches (sub-folders that are searches) and the exported model
+  (`bundle/bundle.json`).
+
+Plots are matplotlib figures drawn by Agg and saved as PNG, photos are small JPEG thumbnails,
+and both are embedded as base64: the file needs no network and no other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import datetime
+import functools
+import io
+import json
+import os
+import re
+from html import escape
+
+# Charts list every breed up to twice this many; beyond, the worst and the best this many
+# (120 bars in one chart are a wall, not a picture).
+BREEDS_PER_END = 20
+# Confused pairs shown, most frequent first; the long tail is in confusions.csv.
+CONFUSED_PAIRS_SHOWN = 8
+# Example photos of each breed beside a confused pair.
+PHOTOS_PER_BREED = 3
+# Thumbnails are square crops of this many pixels: sharp enough to recognise a breed, small
+# enough that a report with dozens of them stays a few hundred kilobytes.
+THUMBNAIL_SIZE = 96
+# Sample predictions show the photo larger: the photo is the point there.
+PREDICTION_PHOTO_SIZE = 192
+# Sample predictions: this many random test photos are predicted (cheap even for Xception)...
+SAMPLE_POOL = 48
+# ...and up to this many shown, half right and half wrong, so both kinds are seen.
+SAMPLES_SHOWN = 10
+# Figure resolution: sharp on high-density screens without bloating the file.
+DPI = 150
+# Header facts whose values are long (paths, version lists): two columns wide.
+WIDE_FACTS = ("data", "versions", "exported model")
+# One colour per role in every plot and in the page's CSS.
+COLORS = {"train": "#2563eb", "validation": "#e4572e", "best": "#e4572e", "other": "#9aa5b1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reading a run directory: every file is optional, and what is missing is None.
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """The files of a training run (layout of `dogbreeds train`); a missing file is None."""
+
+    directory: str
+    config: dict | None
+    metrics: dict | None
+    history: list[dict] | None
+    confusions: list[dict] | None
+
+
+@dataclasses.dataclass
+class SearchRun:
+    """The files of a search: its trials, the best one, and the best retrained (`final`)."""
+
+    directory: str
+    results: list[dict]  # rows of results.csv, numbers parsed
+    best: dict | None
+    trial_histories: dict[str, list[dict]]
+    trial_config: dict | None  # one trial's config.json, for the data and versions
+    final: TrainingRun | None
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything in a run directory that a report can show."""
+
+    directory: str
+    training: TrainingRun | None
+    search: SearchRun | None
+    searches: dict[str, SearchRun]  # a pipeline's searches, by folder name
+    bundle: dict | None
+    pipeline: dict | None  # pipeline.json: which search's final model was exported, and why
+    modified: float  # when the newest file read was written
+
+
+def read_run(run_dir: str) -> Run:
+    """Read whatever `run_dir` holds of a training run, a search or a pipeline."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"run directory not found: {run_dir}")
+    searches = {}
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if name not in ("trials", "final") and os.path.isdir(path):
+            search = _read_search(path)
+            if search:
+                searches[name] = search
+    bundle = _read_json(os.path.join(run_dir, "bundle", "bundle.json"))
+    bundle = bundle or _read_json(os.path.join(run_dir, "bundle.json"))
+    pipeline = _read_json(os.path.join(run_dir, "pipeline.json"))
+    run = Run(run_dir, _read_training(run_dir), _read_search(run_dir), searches, bundle, pipeline, 0.0)
+    if not (run.training or run.search or run.searches or run.bundle):
+        raise ValueError(
+            f"nothing to report in {run_dir}: expected a training run (metrics.json, "
+            "history.json, confusions.csv, config.json), a search (results.csv, best.json, "
+            "trials/) or a pipeline (search folders, bundle/bundle.json)"
+        )
+    names = ("metrics.json", "history.json", "results.csv", "best.json", "pipeline.json",
+             "bundle/bundle.json")
+    times = [os.path.getmtime(os.path.join(run_dir, n)) for n in names
+             if os.path.exists(os.path.join(run_dir, n))]
+    run.modified = max(times or [os.path.getmtime(run_dir)])
+    return run
+
+
+def _read_training(directory: str) -> TrainingRun | None:
+    run = TrainingRun(
+        directory,
+        _read_json(os.path.join(directory, "config.json")),
+        _read_json(os.path.join(directory, "metrics.json")),
+        _read_json(os.path.join(directory, "history.json")),
+        _read_csv(os.path.join(directory, "confusions.csv"), keep_text=("true_breed", "predicted_breed")),
+    )
+    return run if (run.config or run.metrics or run.history or run.confusions) else None
+
+
+def _read_search(directory: str) -> SearchRun | None:
+    results = _read_csv(os.path.join(directory, "results.csv"), keep_text=("trial_id", "status"))
+    best = _read_json(os.path.join(directory, "best.json"))
+    trials_dir = os.path.join(directory, "trials")
+    histories, trial_config = {}, None
+    if os.path.isdir(trials_dir):
+        for trial_id in sorted(os.listdir(trials_dir)):
+            history = _read_json(os.path.join(trials_dir, trial_id, "history.json"))
+            if history:
+                histories[trial_id] = history
+            trial_config = trial_config or _read_json(os.path.join(trials_dir, trial_id, "config.json"))
+    if results is None and best is None and not histories:
+        return None
+    final = _read_training(os.path.join(directory, "final"))
+    return SearchRun(directory, results or [], best, histories, trial_config, final)
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def _read_csv(path: str, keep_text: tuple[str, ...]) -> list[dict] | None:
+    """Rows of a CSV file with numbers, booleans and empty cells (None) parsed, except in
+    the `keep_text` columns (a trial id like 00001 is a name, not a number)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="") as handle:
+        return [
+            {key: value if key in keep_text else _parse_cell(value) for key, value in row.items()}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def _parse_cell(text: str | None):
+    if text is None or text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Plots: matplotlib figures (Agg, no pyplot state) embedded as base64 PNG.
+
+
+def _new_figure(width: float, height: float, columns: int = 1):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = figure.subplots(1, columns, squeeze=False)[0]
+    for ax in axes:
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        ax.grid(True, color="#e4e7eb", linewidth=0.8)
+        ax.set_axisbelow(True)
+        ax.tick_params(labelsize=8, color="#9aa5b1")
+    return figure, axes
+
+
+@dataclasses.dataclass(frozen=True)
+class Plot:
+    """A figure as a PNG data URI, and its width on the page (its size in inches at the
+    browser's 96 px per inch, so every plot's text comes out the same size)."""
+
+    data_uri: str
+    width: int
+
+
+def _to_plot(figure) -> Plot:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, facecolor="white")
+    data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return Plot(data_uri, round(figure.get_figwidth() * 96))
+
+
+def _percent_axis(axis) -> None:
+    """Fractions as percentages, with a decimal only when the axis spans less than 10%."""
+    from matplotlib.ticker import PercentFormatter
+
+    low, high = axis.get_view_interval()
+    axis.set_major_formatter(PercentFormatter(1.0, decimals=0 if abs(high - low) >= 0.1 else 1))
+
+
+def plot_training_curves(history: list[dict]) -> Plot:
+    """Accuracy and loss per epoch, on train and validation."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _new_figure(9, 3, columns=2)
+    epochs = [row["epoch"] for row in history]
+    for ax, metric, title in ((axes[0], "accuracy", "accuracy"), (axes[1], "loss", "loss")):
+        for prefix, split in (("", "train"), ("val_", "validation")):
+            values = [row.get(prefix + metric) for row in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", markersize=3, linewidth=2,
+                        color=COLORS[split], label=split)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8, frameon=False)
+    _percent_axis(axes[0].yaxis)
+    return _to_plot(figure)
+
+
+def plot_trial_curves(histories: dict[str, list[dict]], best_trial_id: str | None) -> Plot:
+    """Validation accuracy per epoch, one line per trial, the best one highlighted."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (ax,) = _new_figure(9, 3.4)
+    others_labelled = False
+    for trial_id, history in histories.items():
+        if trial_id == best_trial_id:
+            continue
+        rows = [row for row in history if row.get("val_accuracy") is not None]
+        ax.plot([row["epoch"] for row in rows], [row["val_accuracy"] for row in rows],
+                color=COLORS["other"], linewidth=1.2, alpha=0.8, marker="o", markersize=2.5,
+                label=None if others_labelled else "other trials")
+        others_labelled = True
+    if best_trial_id in histories:
+        rows = [row for row in histories[best_trial_id] if row.get("val_accuracy") is not None]
+        ax.plot([row["epoch"] for row in rows], [row["val_accuracy"] for row in rows],
+                color=COLORS["best"], linewidth=2.8, marker="o", markersize=4,
+                label=f"best: {best_trial_id}", zorder=3)
+    ax.set_xlabel("epoch", fontsize=9)
+    ax.set_ylabel("validation accuracy", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _percent_axis(ax.yaxis)
+    ax.legend(fontsize=8, frameon=False)
+    return _to_plot(figure)
+
+
+def plot_hyperparameter(
+    name: str, values: list, accuracies: list[float], best_position: int | None
+) -> Plot:
+    """Validation accuracy against one hyperparameter: a scatter for continuous numbers (log
+    scale when they span a decade or more), a strip with jitter for choices (booleans, names,
+    a few integers like filter counts); the best trial a star."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (ax,) = _new_figure(3.4, 2.5)
+    present = [v for v in values if v is not None]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
+    few_integers = all(isinstance(v, int) for v in present) and len(set(present)) <= 6
+    if numbers and not few_integers:
+        x = [np.nan if v is None else v for v in values]  # an inactive value is not drawn
+        if present and min(present) > 0 and max(present) >= 10 * min(present):
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+    else:
+        order = sorted(set(present), key=lambda v: (not numbers, str(v) if not numbers else v))
+        categories = [_format(v) for v in order] + (["inactive"] if None in values else [])
+        labels = ["inactive" if v is None else _format(v) for v in values]
+        jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(labels))
+        x = [categories.index(label) + offset for label, offset in zip(labels, jitter)]
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_xlim(-0.6, len(categories) - 0.4)
+    ax.scatter(x, accuracies, s=28, color=COLORS["train"], alpha=0.75, edgecolors="white",
+               linewidths=0.5)
+    if best_position is not None:
+        ax.scatter([x[best_position]], [accuracies[best_position]], s=160, marker="*",
+                   color=COLORS["best"], edgecolors="white", linewidths=0.8, zorder=3)
+    ax.margins(0.12, 0.15)  # room for the star at the edges
+    ax.set_title(name, fontsize=10, loc="left")
+    _percent_axis(ax.yaxis)
+    return _to_plot(figure)
+
+
+def plot_breed_accuracy(per_breed_accuracy: dict[str, float], overall: float | None) -> Plot:
+    """Accuracy per breed as horizontal bars, best at the top; with many breeds, the worst
+    and the best `BREEDS_PER_END` side by side."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    # Worst first; ties read alphabetically from the top of the chart down.
+    by_name = sorted(per_breed_accuracy.items(), key=lambda item: item[0].lower(), reverse=True)
+    ranked = sorted(by_name, key=lambda item: item[1])
+    if len(ranked) <= 2 * BREEDS_PER_END:
+        panels = [(f"all {len(ranked)} breeds", ranked)]
+    else:
+        panels = [(f"worst {BREEDS_PER_END} of {len(ranked)}", ranked[:BREEDS_PER_END]),
+                  (f"best {BREEDS_PER_END} of {len(ranked)}", ranked[-BREEDS_PER_END:])]
+    bars = max(len(items) for _, items in panels)
+    figure, axes = _new_figure(4.6 * len(panels), 0.8 + 0.24 * bars, columns=len(panels))
+    colormap = LinearSegmentedColormap.from_list("accuracy", ["#d1495b", "#f4a259", "#2a9d8f"])
+    for ax, (title, items) in zip(axes, panels):
+        names = [name for name, _ in items]
+        accuracies = [accuracy for _, accuracy in items]
+        ax.barh(names, accuracies, height=0.72, color=[colormap(a) for a in accuracies])
+        for position, accuracy in enumerate(accuracies):
+            ax.text(accuracy + 0.01, position, f"{accuracy:.0%}", va="center", fontsize=7,
+                    color="#52606d")
+        if overall is not None:
+            ax.axvline(overall, color="#1f2933", linestyle="--", linewidth=1,
+                       label=f"overall {overall:.1%}")
+            ax.legend(fontsize=7, frameon=False, loc="lower right")
+        ax.set_xlim(0, 1.12)
+        ax.set_ylim(-0.6, len(items) - 0.4)
+        ax.grid(axis="y", visible=False)
+        ax.tick_params(axis="y", labelsize=8, length=0)
+        ax.set_title(title, fontsize=10, loc="left")
+        _percent_axis(ax.xaxis)
+    return _to_plot(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Photos: thumbnails of each breed, and the model's predictions on a few test photos.
+
+
+@functools.lru_cache(maxsize=1024)
+def _thumbnail(path: str, size: int = THUMBNAIL_SIZE) -> str | None:
+    """A square JPEG thumbnail as a data URI; None for a file that is not a readable image."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
+    except (OSError, ValueError):
+        return None
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _breed_photos(data_dir: str) -> dict[str, list[str]]:
+    """Readable breed name -> the first few photos of its folder (`Images/<synset>-<breed>/`)."""
+    from dogbreeds.data import IMAGE_EXTENSIONS, breed_name
+
+    images_dir = os.path.join(data_dir, "Images")
+    if not os.path.isdir(images_dir):
+        images_dir = data_dir  # the data module accepts the breed folders directly, too
+    photos = {}
+    for folder in sorted(os.listdir(images_dir)):
+        folder_path = os.path.join(images_dir, folder)
+        if os.path.isdir(folder_path):
+            names = sorted(n for n in os.listdir(folder_path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            # A few spare photos, in case some do not open.
+            names = names[: 2 * PHOTOS_PER_BREED]
+            photos[breed_name(folder)] = [os.path.join(folder_path, n) for n in names]
+    return photos
+
+
+def predict_samples(training: TrainingRun) -> tuple[list[dict], int]:
+    """Predict `SAMPLE_POOL` random test photos with the run's model; return up to
+    `SAMPLES_SHOWN` of them (half right, half wrong when there are enough of each), each
+    {path, true_breed, correct, top: [(breed, probability)] * 3}, and the number predicted."""
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from dogbreeds import data
+    from dogbreeds.config import DataConfig, from_dict
+
+    data_config = from_dict(DataConfig, training.config["data"])
+    index = data.load_index(data_config)
+    if index.class_names != training.metrics["class_names"]:
+        raise ValueError(f"the breeds in {data_config.data_dir} are no longer the run's")
+    test = index.splits["test"]
+    rng = np.random.default_rng(data_config.seed)
+    images, kept = [], []
+    for position in rng.permutation(len(test))[:SAMPLE_POOL]:
+        try:
+            with open(test.keys[position], "rb") as handle:
+                images.append(data.decode_and_resize(handle.read(), training.metrics["image_size"]))
+            kept.append(position)
+        except (OSError, tf.errors.OpError):
+            continue  # a photo that does not decode is skipped, as in training
+    if not images:
+        return [], 0
+    model = keras.models.load_model(os.path.join(training.directory, "model.keras"), compile=False)
+    probabilities = model.predict(np.stack(images).astype(np.float32), verbose=0)
+    names = training.metrics["class_names"]
+    samples = []
+    for position, row in zip(kept, probabilities):
+        top = np.argsort(-row)[:3]
+        samples.append({
+            "path": test.keys[position],
+            "true_breed": names[test.labels[position]],
+            "correct": int(top[0]) == int(test.labels[position]),
+            "top": [(names[k], float(row[k])) for k in top],
+        })
+    right = [s for s in samples if s["correct"]]
+    wrong = [s for s in samples if not s["correct"]]
+    show_wrong = min(len(wrong), max(SAMPLES_SHOWN // 2, SAMPLES_SHOWN - len(right)))
+    show_right = min(len(right), SAMPLES_SHOWN - show_wrong)
+    return right[:show_right] + wrong[:show_wrong], len(samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The page: a header of facts, one link per group of sections, and the sections.
+
+
+@dataclasses.dataclass
+class Section:
+    """One card of the page. Titles like "cnn3v2 search: trials" group their sections (the
+    part before ": ") in the links at the top."""
+
+    anchor: str
+    title: str
+    body: str
+
+
+def write_report(run_dir: str, output: str | None = None, predictions: bool = True) -> str:
+    """Render `run_dir` into one self-contained HTML file (default `run_dir/report.html`) and
+    return its path. `predictions=False` skips loading the model for sample predictions."""
+    page = render_report(read_run(run_dir), predictions)
+    path = os.path.abspath(output or os.path.join(run_dir, "report.html"))
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    return path
+
+
+def render_report(run: Run, predictions: bool = True) -> str:
+    """The HTML page of a run read by `read_run`."""
+    sections = []
+    if run.bundle:
+        sections += _bundle_sections(run.bundle, run.searches, run.pipeline)
+    if run.search:
+        folder = os.path.basename(os.path.abspath(run.directory))
+        sections += _search_sections(run.search, folder, predictions)
+    for name, search in run.searches.items():
+        sections += _search_sections(search, name, predictions)
+    if run.training:
+        sections += _training_sections(run.training, "run", "", predictions)
+    title, kind, facts = _describe(run)
+    groups = {}
+    for section in sections:
+        groups.setdefault(section.title.split(": ")[0], section.anchor)
+    links = "".join(f'<a href="#{_anchor(a)}">{escape(group)}</a>' for group, a in groups.items())
+    fact_list = "".join(
+        f'<div{" class=wide" if key in WIDE_FACTS else ""}><dt>{escape(key)}</dt>'
+        f"<dd>{escape(str(value))}</dd></div>"
+        for key, value in facts
+    )
+    body = "\n".join(
+        f'<section id="{_anchor(s.anchor)}"><h2>{escape(s.title)}</h2>\n{s.body}\n</section>' for s in sections
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)} - dogbreeds report</title>
+<style>{CSS}</style></head>
+<body><main>
+<header class="hero"><div class="kind">{escape(kind)}</div><h1>{escape(title)}</h1>
+<dl class="facts">{fact_list}</dl></header>
+<nav>{links}</nav>
+{body}
+<footer>dogbreeds report of {escape(os.path.abspath(run.directory))}</footer>
+</main></body></html>
+"""
+
+
+def _describe(run: Run) -> tuple[str, str, list[tuple[str, object]]]:
+    """The page's title, the kind of run, and the facts of its header."""
+    searches = ([run.search] if run.search else []) + list(run.searches.values())
+    exported_from = run.bundle and _exported_from(run.bundle, run.searches, run.pipeline)
+    if exported_from:  # a pipeline's header describes the model it exported
+        searches.insert(0, run.searches[exported_from])
+    # What was trained, and on what: the run itself, else a search's final model or a trial.
+    source = run.training or next((s.final for s in searches if s.final), None)
+    config = (source and source.config) or next(
+        (s.trial_config for s in searches if s.trial_config), None
+    ) or (run.bundle or {}).get("config") or {}
+    metrics = (source and source.metrics) or {}
+    data_config, train_config = config.get("data") or {}, config.get("train") or {}
+    model = metrics.get("model") or train_config.get("model")
+    facts = []
+    if run.searches:
+        kind = "pipeline run"
+        title = "Pipeline: " + " and ".join(f"{name} search" for name in run.searches)
+    elif run.search:
+        folder = os.path.basename(os.path.abspath(run.directory))
+        kind, title = "hyperparameter search", f"{_search_name(run.search, folder)} search"
+        facts.append(("trials", len(run.search.results) or len(run.search.trial_histories)))
+    elif run.training:
+        kind, title = "training run", model or "training run"
+    else:
+        kind, title = "exported model", str(run.bundle.get("name"))
+    if run.bundle:
+        facts.append(("exported model", f"{run.bundle.get('name')} version {run.bundle.get('version')}"))
+    if model:
+        facts.append(("model", model))
+    if data_config:
+        facts.append(("data", data_config.get("data_dir") or "TFDS stanford_dogs"))
+    image_size = metrics.get("image_size") or data_config.get("image_size")
+    if image_size:
+        facts.append(("image size", f"{image_size} × {image_size} px"))
+    if metrics.get("num_train_images"):
+        facts.append(("train images", f"{metrics['num_train_images']:,}"))
+    if run.training and metrics.get("epochs_run") is not None:
+        facts.append(("epochs", f"{metrics['epochs_run']} of {train_config.get('epochs', '?')}"))
+    if run.training and metrics.get("train_seconds") is not None:
+        workers = metrics.get("workers", 1)
+        facts.append(("training time", _duration(metrics["train_seconds"])
+                      + _plural(workers, " on {} worker", " on {} workers")))
+    finished = datetime.datetime.fromtimestamp(run.modified).strftime("%Y-%m-%d %H:%M")
+    facts.append(("finished", finished))
+    versions = config.get("versions") or {}
+    if versions:
+        facts.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)))
+    return title, kind, facts
+
+
+def _training_sections(training: TrainingRun, anchor: str, prefix: str, predictions: bool):
+    """Headline metrics, curves, accuracy per breed, confused pairs and sample predictions."""
+    metrics = training.metrics or {}
+    split = "test" if "test" in metrics else "validation"  # search trials are never tested
+    split_metrics = metrics.get(split) or {}
+    config = training.config or {}
+    data_dir = (config.get("data") or {}).get("data_dir")
+    sections = []
+    if split_metrics:
+        body = _metric_cards(split_metrics, split)
+        validation = metrics.get("validation") or {}
+        if split == "test" and validation:
+            body += _note(f"On the validation split: top-1 {_percent(validation.get('top1'))}, "
+                          f"top-5 {_percent(validation.get('top5'))}.")
+        title = _title(prefix, f"{split.capitalize()} metrics")
+        sections.append(Section(f"{anchor}-metrics", title, body))
+    if training.history:
+        train_config = config.get("train") or {}
+        settings = {
+            "epochs run": len(training.history),
+            "batch per worker": train_config.get("per_worker_batch_size"),
+            "learning rate": train_config.get("learning_rate"),
+            "workers": train_config.get("workers"),
+            **(train_config.get("hparams") or {}),
+        }
+        body = _chips(settings) + _image(plot_training_curves(training.history), "learning curves")
+        sections.append(Section(f"{anchor}-curves", _title(prefix, "Learning curves"), body))
+    if split_metrics.get("per_breed_accuracy"):
+        chart = plot_breed_accuracy(split_metrics["per_breed_accuracy"], split_metrics.get("top1"))
+        body = _note(f"The share of each breed's {split} photos classified right.")
+        sections.append(Section(f"{anchor}-breeds", _title(prefix, "Accuracy per breed"),
+                                body + _image(chart, "accuracy per breed")))
+    if training.confusions:
+        sections.append(Section(f"{anchor}-confusions", _title(prefix, "Most confused breeds"),
+                                _confusions_html(training.confusions, data_dir, split)))
+    has_model = os.path.isfile(os.path.join(training.directory, "model.keras"))
+    if predictions and has_model and split == "test" and config:
+        sections.append(Section(f"{anchor}-predictions", _title(prefix, "Sample predictions"),
+                                _predictions_html(training, data_dir)))
+    return sections
+
+
+def _metric_cards(split_metrics: dict, split: str) -> str:
+    names = {"top1": "top-1 accuracy", "top5": "top-5 accuracy",
+             "precision": "precision (macro)", "recall": "recall (macro)"}
+    cards = [(_percent(split_metrics[k]), label) for k, label in names.items() if k in split_metrics]
+    if "num_images" in split_metrics:
+        cards.append((f"{split_metrics['num_images']:,}", f"{split} images"))
+    return _cards(cards)
+
+
+def _confusions_html(confusions: list[dict], data_dir: str | None, split: str) -> str:
+    body = _note(f"{split.capitalize()} photos of the breed on the left that the model called the "
+                 f"breed on the right, most frequent first ({len(confusions)} pairs in confusions.csv).")
+    photos = {}
+    if data_dir and os.path.isdir(data_dir):
+        photos = _breed_photos(data_dir)
+    elif data_dir:
+        body += _note(f"Photos are not shown: the data folder {data_dir} is not on this machine.")
+    for pair in confusions[:CONFUSED_PAIRS_SHOWN]:
+        count, fraction = pair.get("count"), pair.get("fraction_of_true")
+        share = f"{_percent(fraction)} of its {split} photos" if fraction is not None else ""
+        body += (
+            f'<div class="pair">{_breed_html(str(pair["true_breed"]), photos, "true")}'
+            f'<div class="arrow"><div class="count">{escape(str(count))}</div>'
+            f'<div>{_plural(count, "photo", "photos")} taken for</div><div class="sign">&rarr;</div>'
+            f'<div class="share">{escape(share)}</div></div>'
+            f'{_breed_html(str(pair["predicted_breed"]), photos, "predicted")}</div>'
+        )
+    return body
+
+
+def _breed_html(breed: str, photos: dict[str, list[str]], role: str) -> str:
+    thumbnails = [t for t in map(_thumbnail, photos.get(breed, [])) if t][:PHOTOS_PER_BREED]
+    images = "".join(f'<img src="{t}" alt="{escape(breed)}">' for t in thumbnails)
+    return (f'<div class="breed {role}"><div class="name">{escape(breed)}</div>'
+            f'<div class="thumbs">{images}</div></div>')
+
+
+def _predictions_html(training: TrainingRun, data_dir: str | None) -> str:
+    if not data_dir:
+        return _note("Not shown: the run read TFDS, and the report reads photos from a data folder.")
+    try:
+        samples, predicted = predict_samples(training)
+    except (ValueError, OSError) as error:
+        return _note(f"Not shown: {error}")
+    if not samples:
+        return _note("Not shown: none of the test photos could be read.")
+    cards = []
+    for sample in samples:
+        top = "".join(
+            f'<li{" class=true" if name == sample["true_breed"] else ""}>'
+            f'<span class="breed-name" title="{escape(name)}">{escape(name)}</span>'
+            f'<span class="probability">{probability:.0%}</span>'
+            f'<div class="bar" style="width:{probability * 100:.1f}%"></div></li>'
+            for name, probability in sample["top"]
+        )
+        photo = _thumbnail(sample["path"], PREDICTION_PHOTO_SIZE) or ""
+        cards.append(
+            f'<figure class="prediction {"right" if sample["correct"] else "wrong"}">'
+            f'<img src="{photo}" alt="{escape(sample["true_breed"])}"><figcaption>'
+            f'<div class="truth">{escape(sample["true_breed"])}</div><ol>{top}</ol></figcaption></figure>'
+        )
+    right = sum(sample["correct"] for sample in samples)
+    note = _note(f"{right} right and {len(samples) - right} wrong, picked from {predicted} random "
+                 "test photos; each with the model's top 3 breeds.")
+    return note + '<div class="predictions">' + "".join(cards) + "</div>"
+
+
+def _search_sections(search: SearchRun, name: str, predictions: bool):
+    """The best trial and its hyperparameters, every trial's curve, accuracy against each
+    hyperparameter, the trials table, then the final model."""
+    label = f"{_search_name(search, name)} search"
+    results = sorted(search.results, key=lambda row: -_number_or_inf(row.get("val_accuracy")))
+    best_id, best_accuracy = _best_trial(search, results)
+    hp_columns = [column for column in (results[0] if results else {}) if column.startswith("hp_")]
+    summary = _search_summary(search, results, best_id, best_accuracy)
+    sections = [Section(f"{name}-best", f"{label}: the best trial", summary)]
+    if search.trial_histories:
+        body = _note("Validation accuracy per epoch of every trial.")
+        body += _image(plot_trial_curves(search.trial_histories, best_id), "trial curves")
+        sections.append(Section(f"{name}-curves", f"{label}: learning curves", body))
+    finished = [row for row in results if row.get("val_accuracy") is not None]
+    best_position = next((i for i, row in enumerate(finished) if row["trial_id"] == best_id), None)
+    accuracies = [row["val_accuracy"] for row in finished]
+    plots = []
+    for column in hp_columns:
+        values = [row.get(column) for row in finished]
+        if any(value is not None for value in values):
+            plot = plot_hyperparameter(column[3:], values, accuracies, best_position)
+            plots.append(_image(plot, column[3:]))
+    if plots:
+        body = _note("Each dot is a trial (its best validation accuracy); the star is the best trial.")
+        body += '<div class="plot-grid">' + "".join(plots) + "</div>"
+        sections.append(Section(f"{name}-hparams", f"{label}: accuracy by hyperparameter", body))
+    if results:
+        table = _trials_table(results, hp_columns, best_id)
+        sections.append(Section(f"{name}-trials", f"{label}: trials", table))
+    if search.final:
+        prefix = f"{label.removesuffix(' search')} final model: "
+        sections += _training_sections(search.final, f"{name}-final", prefix, predictions)
+    return sections
+
+
+def _search_name(search: SearchRun, folder: str) -> str:
+    """best.json's name of the search, else the model its trials trained, else the folder's."""
+    model = ((search.trial_config or {}).get("train") or {}).get("model")
+    return (search.best or {}).get("search") or model or folder
+
+
+def _best_trial(search: SearchRun, results: list[dict]) -> tuple[str | None, float | None]:
+    """(trial id, validation accuracy) of the best trial: best.json's, else the top row of
+    results.csv, else (a search still running) the trial with the best epoch so far."""
+    best = search.best or {}
+    if best.get("trial_id") is not None:
+        return str(best["trial_id"]), best.get("val_accuracy")
+    if results:
+        return str(results[0]["trial_id"]), results[0].get("val_accuracy")
+    peaks = {
+        trial_id: max((row["val_accuracy"] for row in history if row.get("val_accuracy") is not None),
+                      default=None)
+        for trial_id, history in search.trial_histories.items()
+    }
+    finished = {trial_id: peak for trial_id, peak in peaks.items() if peak is not None}
+    if not finished:
+        return None, None
+    best_id = max(finished, key=finished.get)
+    return best_id, finished[best_id]
+
+
+def _search_summary(search: SearchRun, results: list[dict], best_id, best_accuracy) -> str:
+    best = search.best or {}
+    statuses = {}
+    for row in results:
+        statuses[row.get("status")] = statuses.get(row.get("status"), 0) + 1
+    trials = ", ".join(f"{count} {status}" for status, count in statuses.items())
+    seconds = sum(row.get("seconds") or 0 for row in results)
+    cards = [
+        (_percent(best_accuracy), "best validation accuracy"),
+        (best_id or "—", "best trial"),
+        (trials or str(len(search.trial_histories)), "trials"),
+        (_duration(seconds) if seconds else "—", "time in trials"),
+    ]
+    final = best.get("final") or {}
+    if isinstance(final.get("test"), (int, float)):
+        cards.append((_percent(final["test"]), "final model, test top-1"))
+    body = _cards(cards, small=True)
+    chosen = best.get("hparams")
+    if chosen is None and results:  # no best.json: the best row of results.csv
+        chosen = {k[3:]: v for k, v in results[0].items() if k.startswith("hp_") and v is not None}
+    if chosen:
+        body += "<h3>Chosen hyperparameters</h3>" + _chips(chosen)
+    return body
+
+
+def _trials_table(results: list[dict], hp_columns: list[str], best_id: str | None) -> str:
+    rows = []
+    for row in results:
+        accuracy = row.get("val_accuracy")
+        meter = "" if accuracy is None else (
+            f'<span class="meter"><span style="width:{accuracy * 100:.1f}%"></span></span>'
+        )
+        seconds = row.get("seconds")
+        cells = [
+            escape(str(row.get("trial_id"))), escape(_format(row.get("status"))),
+            meter + _percent(accuracy), _format(row.get("val_loss")), _format(row.get("epochs")),
+            "—" if seconds is None else _duration(seconds),
+            *(escape(_format(row.get(column))) for column in hp_columns),
+        ]
+        rows.append((cells, str(row.get("trial_id")) == best_id))
+    head = ["trial", "status", "val accuracy", "val loss", "epochs", "time"]
+    head += [column[3:] for column in hp_columns]
+    note = _note("Sorted by validation accuracy; the best trial is highlighted.")
+    return note + _table(head, rows, 2)
+
+
+def _bundle_sections(bundle: dict, searches: dict[str, SearchRun], pipeline: dict | None):
+    """The exported model, and the searches' final models it was chosen from."""
+    test = (bundle.get("metrics") or {}).get("test") or {}
+    finals = {name: s.final.metrics for name, s in searches.items() if s.final and s.final.metrics}
+    chosen = _exported_from(bundle, searches, pipeline)
+    details = {
+        "name": bundle.get("name"), "version": bundle.get("version"), "model": bundle.get("model"),
+        "image size": (bundle.get("preprocessing") or {}).get("image_size"),
+        "breeds": len(bundle.get("class_names") or []) or None, "exported": bundle.get("exported_at"),
+        "from": f"the {chosen} search's final model" if chosen else None,
+    }
+    body = _chips(details) + (_metric_cards(test, "test") if test else "")
+    if finals:
+        rows = [([escape(name), escape(str(metrics.get("model", "—"))),
+                  _percent((metrics.get("validation") or {}).get("top1")),
+                  _percent((metrics.get("test") or {}).get("top1")),
+                  "exported" if name == chosen else ""], name == chosen)
+                for name, metrics in finals.items()]
+        rule = " Chosen by validation accuracy: the test split picks nothing." if pipeline else ""
+        body += "<h3>The searches' final models</h3>"
+        body += _note(f"Top-1 accuracy of each search's best configuration, retrained.{rule}")
+        body += _table(["search", "model", "validation top-1", "test top-1", ""], rows, 2, 4)
+    return [Section("bundle", "Exported model", body)]
+
+
+def _exported_from(bundle: dict, searches: dict[str, SearchRun], pipeline: dict | None):
+    """The search whose final model is in the bundle: pipeline.json says which; without it,
+    the final model with the bundle's test metrics."""
+    chosen = (pipeline or {}).get("chosen")
+    if chosen in searches:
+        return chosen
+    test = (bundle.get("metrics") or {}).get("test")
+    return next((name for name, search in searches.items() if test and search.final
+                 and (search.final.metrics or {}).get("test") == test), None)
+
+
+# Small pieces of HTML. Arguments are escaped here, except `_table`'s cells (already HTML).
+
+
+def _cards(cards: list[tuple[str, str]], small: bool = False) -> str:
+    value_class = "value small" if small else "value"
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="{value_class}">{escape(str(value))}</div>'
+        f'<div class="label">{escape(label)}</div></div>'
+        for value, label in cards
+    ) + "</div>"
+
+
+def _table(
+    head: list[str], rows: list[tuple[list[str], bool]], first_number: int,
+    end_number: int | None = None,
+) -> str:
+    """A table of HTML cells; columns first_number:end_number are numbers (right-aligned);
+    rows are (cells, highlighted)."""
+    numeric = set(range(first_number, len(head) if end_number is None else end_number))
+
+    def cell(tag, index, content):
+        return f'<{tag}{" class=number" if index in numeric else ""}>{content}</{tag}>'
+
+    header = "".join(cell("th", i, escape(h)) for i, h in enumerate(head))
+    body = "".join(
+        f'<tr{" class=best" if highlighted else ""}>'
+        + "".join(cell("td", i, content) for i, content in enumerate(cells)) + "</tr>"
+        for cells, highlighted in rows
+    )
+    return (f'<div class="table-wrap"><table><thead><tr>{header}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def _chips(values: dict) -> str:
+    return '<div class="chips">' + "".join(
+        f"<span>{escape(str(key))} <b>{escape(_format(value))}</b></span>"
+        for key, value in values.items() if value is not None
+    ) + "</div>"
+
+
+def _image(plot: Plot, alt: str) -> str:
+    return (f'<img class="plot" style="max-width:{plot.width}px" src="{plot.data_uri}" '
+            f'alt="{escape(alt)}">')
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{escape(text)}</p>'
+
+
+def _anchor(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
+
+
+def _title(prefix: str, title: str) -> str:
+    return prefix + title[0].lower() + title[1:] if prefix else title
+
+
+# Numbers as people read them.
+
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{value * 100:.1f}%"
+
+
+def _format(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _plural(count, one: str, many: str) -> str:
+    return (one if count == 1 else many).format(count)
+
+
+def _number_or_inf(value) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("-inf")
+
+
+CSS = """
+:root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --ground:#f3f5f8; --accent:#2563eb;
+  --best:#e4572e; --good:#2a9d8f; --bad:#d1495b; }
+* { box-sizing:border-box; }
+body { margin:0; background:var(--ground); color:var(--ink);
+  font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
+main { max-width:1120px; margin:0 auto; padding:24px 20px 48px; }
+.hero { background:linear-gradient(135deg,#1e3a8a,#2563eb); color:#fff; padding:26px 30px;
+  border-radius:14px; box-shadow:0 4px 18px rgba(30,58,138,.25); }
+.hero .kind { text-transform:uppercase; letter-spacing:.09em; font-size:12px; opacity:.8; }
+.hero h1 { margin:2px 0 0; font-size:30px; line-height:1.2; }
+.facts { display:grid; grid-template-columns:repeat(auto-fit,minmax(190px,1fr)); gap:10px 26px; margin:18px 0 0; }
+.facts .wide { grid-column:span 2; }
+.facts dt { font-size:12px; opacity:.75; } .facts dd { margin:0; font-weight:600; overflow-wrap:anywhere; }
+nav { display:flex; flex-wrap:wrap; gap:6px; margin:16px 0 0; }
+nav a { font-size:13px; color:var(--accent); background:#fff; border:1px solid var(--line);
+  border-radius:999px; padding:3px 12px; text-decoration:none; }
+nav a:hover { border-color:var(--accent); }
+section { background:#fff; border:1px solid var(--line); border-radius:14px; padding:20px 26px; margin-top:18px; }
+h2 { margin:0 0 10px; font-size:20px; }
+h3 { margin:18px 0 8px; font-size:15px; color:var(--muted); }
+.note { color:var(--muted); font-size:14px; margin:0 0 12px; }
+.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(160px,1fr)); gap:12px; margin-bottom:10px; }
+.card { border:1px solid var(--line); border-radius:10px; padding:12px 16px; background:#fafbfc; }
+.card .value { font-size:30px; font-weight:700; font-variant-numeric:tabular-nums; color:#102a43; }
+.card .value.small { font-size:22px; overflow-wrap:anywhere; }
+.card .label { font-size:13px; color:var(--muted); }
+img.plot { display:block; width:100%; height:auto; margin:0 auto; }
+.plot-grid { display:grid; grid-template-columns:repeat(auto-fill,minmax(320px,1fr)); gap:14px; }
+.chips span { display:inline-block; background:#eef2ff; color:#243b53; border-radius:999px;
+  padding:3px 12px; margin:0 6px 8px 0; font-size:14px; }
+.chips b { font-variant-numeric:tabular-nums; }
+.table-wrap { overflow:auto; max-height:560px; border:1px solid var(--line); border-radius:10px; }
+table { border-collapse:collapse; width:100%; font-size:14px; font-variant-numeric:tabular-nums; }
+th { position:sticky; top:0; background:#f8fafc; text-align:left; font-weight:600; color:var(--muted);
+  border-bottom:2px solid var(--line); padding:8px 12px; white-space:nowrap; }
+td { border-bottom:1px solid var(--line); padding:7px 12px; white-space:nowrap; }
+td.number, th.number { text-align:right; }
+.meter { display:inline-block; width:64px; height:8px; margin-right:8px; background:#edf0f4;
+  border-radius:4px; overflow:hidden; vertical-align:middle; }
+.meter span { display:block; height:100%; background:var(--accent); }
+tbody tr:hover td { background-color:#f8fafc; }
+tr.best td { font-weight:700; } tr.best td:first-child { box-shadow:inset 4px 0 0 var(--best); }
+.pair { display:grid; grid-template-columns:1fr 150px 1fr; align-items:center; gap:16px;
+  padding:12px 0; border-top:1px solid var(--line); }
+.breed .name { font-weight:600; } .breed.true { text-align:right; }
+.breed.true .thumbs { justify-content:flex-end; }
+.thumbs { display:flex; gap:6px; margin-top:6px; min-height:8px; }
+.thumbs img { width:96px; height:96px; object-fit:cover; border-radius:8px; }
+.arrow { text-align:center; color:var(--bad); }
+.arrow .count { font-size:26px; font-weight:700; line-height:1; }
+.arrow .share { font-size:12px; color:var(--muted); } .arrow .sign { font-size:28px; line-height:1.1; }
+.predictions { display:grid; grid-template-columns:repeat(auto-fill,minmax(180px,1fr)); gap:12px; }
+.prediction { margin:0; border:2px solid var(--line); border-radius:12px; padding:8px; }
+.prediction.right { border-color:var(--good); } .prediction.wrong { border-color:var(--bad); }
+.prediction img { display:block; width:100%; aspect-ratio:1; object-fit:cover; border-radius:8px; }
+.prediction .truth { font-weight:700; margin:6px 0 4px; }
+.prediction.right .truth::before { content:"\\2713  "; color:var(--good); }
+.prediction.wrong .truth::before { content:"\\2717  "; color:var(--bad); }
+.prediction ol { list-style:none; margin:0; padding:0; font-size:12px; }
+.prediction li { position:relative; display:flex; justify-content:space-between; padding:1px 4px; }
+.prediction li .breed-name { overflow:hidden; text-overflow:ellipsis; white-space:nowrap; min-width:0; }
+.prediction li .probability { flex:none; margin-left:6px; }
+.prediction li .bar { position:absolute; left:0; top:0; bottom:0; background:#dbe7fd; z-index:-1;
+  border-radius:3px; }
+.prediction li { z-index:0; } .prediction li.true { font-weight:700; }
+footer { color:var(--muted); font-size:12px; text-align:center; margin-top:24px; overflow-wrap:anywhere; }
+"""
