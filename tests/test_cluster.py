@@ -1,0 +1,361 @@
+"""The cluster side: ray_cluster.yaml against Ray's own validation, the cluster/ entry points,
+and a real two-node Ray cluster on this machine (a head and a worker node, each its own
+`ray start`, token authentication on): a head search submitted with `ray job submit` spreads
+its trials over both nodes, and finishes every trial when the worker node is killed mid-search.
+
+Each node has one logical CPU and each trial asks for one, so two concurrent trials must run
+on different nodes. Node IPs are equal on one machine: a trial's node is found from its
+process id (Tune's result.json) and Ray's actor table (`ray list actors`).
+"""
+
+import copy
+import csv
+import glob
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR
+
+RAY = str(ROOT / ".venv" / "bin" / "ray")
+ENTRY_POINTS = {"pipeline": "pipeline", "search": "search", "train": "train", "serve": "serve"}
+
+
+def _cluster_config():
+    return yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+
+
+def _validate(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))  # Ray's defaults for the provider, no cloud call
+    validate_config(prepared)  # ray-schema.json, then Ray's own cross-field checks
+    return prepared
+
+
+def test_cluster_config_passes_rays_validation():
+    prepared = _validate(_cluster_config())
+    head, workers = prepared["head_node_type"], prepared["available_node_types"]
+    gpu_types = [name for name in workers if name != head]
+    assert gpu_types and all(workers[name]["max_workers"] > workers[name]["min_workers"] for name in gpu_types)
+    assert any('"/home/ray/dogbreeds[gpu]"' in command for command in prepared["setup_commands"])
+    assert "/home/ray/dogbreeds" in prepared["file_mounts"]
+    # The dashboard only on the head's loopback (reached by `ray dashboard`'s port-forward).
+    start = " ".join(prepared["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
+    assert all("RAY_AUTH_MODE=token" in c for c in (start, " ".join(prepared["worker_start_ray_commands"])))
+    assert any("DOGBREEDS_STORAGE=/mnt/shared" in command for command in prepared["setup_commands"])
+
+
+@pytest.mark.parametrize("breakage", ["unknown key", "min above max", "no such head type"])
+def test_a_broken_cluster_config_is_rejected(breakage):
+    config = _cluster_config()
+    if breakage == "unknown key":
+        config["max_wrokers"] = 2
+    elif breakage == "min above max":
+        config["available_node_types"]["gpu_worker"]["min_workers"] = config["max_workers"] + 1
+    else:
+        config["head_node_type"] = "nope"
+    with pytest.raises(Exception) as error:
+        _validate(config)
+    assert type(error.value).__name__ in ("ValidationError", "ValueError")
+
+
+def _load_entry_point(name):
+    spec = importlib.util.spec_from_file_location(f"cluster_{name}", ROOT / "cluster" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # import-safe: no Ray, no work
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_entry_point_takes_the_clis_options(name):
+    from dogbreeds import cli
+
+    module = _load_entry_point(name)
+    assert module.SUBCOMMAND == [ENTRY_POINTS[name]]
+    samples = {
+        "pipeline": ["--profile", "full", "--output", "runs/study"],
+        "search": ["head", "--backbone", "xception", "--output", "runs/head"],
+        "train": ["xception", "--workers", "4", "--output", "runs/xception"],
+        "serve": ["runs/bundle"],
+    }
+    args = cli.build_parser().parse_args(module.SUBCOMMAND + module.on_storage(samples[name]))
+    assert args.command == ENTRY_POINTS[name]
+
+
+def test_relative_storage_paths_go_to_the_shared_storage(monkeypatch):
+    module = _load_entry_point("search")
+    argv = ["head", "--output", "runs/a", "--features-dir", "/abs/f", "--cache-dir", "c", "--data-dir", "d"]
+    monkeypatch.delenv("DOGBREEDS_STORAGE", raising=False)
+    assert module.on_storage(argv) == argv
+    monkeypatch.setenv("DOGBREEDS_STORAGE", "/mnt/shared/dogbreeds")
+    assert module.on_storage(argv) == [
+        "head", "--output", "/mnt/shared/dogbreeds/runs/a", "--features-dir", "/abs/f",
+        "--cache-dir", "/mnt/shared/dogbreeds/c", "--data-dir", "d",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# A real two-node cluster on this machine.
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def _free_port_range(size=40):
+    """A range of free ports for a node's workers (Ray's default range is shared with the
+    other clusters on this machine)."""
+    for _ in range(200):
+        first = random.randrange(20000, 60000 - size)
+        try:
+            for port in range(first, first + size):
+                with socket.socket() as probe:
+                    probe.bind(("", port))
+        except OSError:
+            continue
+        return first, first + size - 1
+    raise RuntimeError("no free port range")
+
+
+def _node_ports():
+    """Every port a node listens on, free ones: other Ray clusters run on this machine too."""
+    first, last = _free_port_range()
+    options = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    return [*(x for option in options for x in (option, str(_free_port()))),
+            "--min-worker-port", str(first), "--max-worker-port", str(last)]
+
+
+def _environment():
+    """Every process of the cluster, and every client of it, runs with token auth and the
+    project's Python first on PATH (a job's `python` is the cluster's Python)."""
+    environment = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    environment["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{environment['PATH']}"
+    environment.pop("RAY_ADDRESS", None)
+    return environment
+
+
+class LocalCluster:
+    """A head node and a worker node, each a `ray start --block` in its own process group, so
+    a node is killed (and cleaned up) by its process group id, and nothing else is touched."""
+
+    def __init__(self, log_dir):
+        import ray
+
+        self.log_dir = log_dir
+        self.address = ray.util.get_node_ip_address()  # the machine's own: no traffic leaves it
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes, self.temp_dirs = {}, []
+
+    def _start(self, role, options):
+        # Short temp dirs: Ray's Unix socket paths must stay under ~100 characters.
+        temp_dir = tempfile.mkdtemp(prefix=f"ray-{role}-", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
+        log = open(os.path.join(self.log_dir, f"{role}.log"), "w")
+        self.nodes[role] = subprocess.Popen(
+            [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus", "1",
+             "--object-store-memory", str(300 * 1024 * 1024), "--temp-dir", temp_dir, *options, *_node_ports()],
+            env=_environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def start(self, timeout=120):
+        self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "true",
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                             "--ray-client-server-port", str(_free_port())])
+        deadline = time.time() + timeout
+        while time.time() < deadline and not self.state("nodes", quiet=True):
+            time.sleep(1)
+        self._start("worker", ["--address", f"{self.address}:{self.port}"])
+        while time.time() < deadline and len(self.alive_nodes()) < 2:
+            assert all(node.poll() is None for node in self.nodes.values()), "a node exited: see its log"
+            time.sleep(1)
+        assert len(self.alive_nodes()) == 2, f"the cluster did not form in {timeout} s"
+
+    def state(self, kind, *options, quiet=False):
+        """`ray list KIND` against the head's dashboard, as JSON."""
+        result = subprocess.run(
+            [RAY, "list", kind, "--address", self.dashboard, "--format", "json", "--limit", "10000", *options],
+            env=_environment(), capture_output=True, text=True, timeout=120,
+        )
+        try:
+            if result.returncode:
+                raise ValueError(result.stderr[-2000:])
+            return json.loads(result.stdout)
+        except ValueError:  # the dashboard is not up yet, or answered with a message
+            if quiet:
+                return []
+            raise
+
+    def alive_nodes(self):
+        return {node["node_id"]: node["is_head_node"] for node in self.state("nodes", quiet=True) if node["state"] == "ALIVE"}
+
+    def kill(self, role):
+        node = self.nodes.pop(role)
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.wait()
+
+    def stop(self):
+        for role in list(self.nodes):
+            self.kill(role)
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = LocalCluster(str(tmp_path_factory.mktemp("cluster_logs")))
+    try:
+        cluster.start()
+        cluster.node_ids = dict(cluster.alive_nodes())  # node id -> is head, as started
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_dirs(tmp_path_factory):
+    """The feature and image caches both searches share (the second reuses the features)."""
+    return str(tmp_path_factory.mktemp("features")), str(tmp_path_factory.mktemp("image_cache"))
+
+
+def _search_command(output, shared_dirs, trials, epochs, extra=()):
+    features_dir, cache_dir = shared_dirs
+    return [
+        "python", "cluster/search.py", "head", "--backbone", "mobilenet_025",
+        "--weights", str(MOBILENET_WEIGHTS), "--data-dir", str(TINY_DIR), "--image-size", "64",
+        "--views", "1", "--epochs", str(epochs), "--trials", str(trials), "--concurrent-trials", "2",
+        "--features-dir", features_dir, "--cache-dir", cache_dir, "--output", str(output), *extra,
+    ]
+
+
+def _submit(cluster, command, runtime_env=None):
+    """`ray job submit --working-dir . -- COMMAND`, from the project's root, as README says."""
+    submit = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", "."]
+    if runtime_env:
+        submit += ["--runtime-env-json", json.dumps(runtime_env)]
+    return subprocess.Popen(submit + ["--", *command], cwd=ROOT, env=_environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(job, timeout):
+    try:
+        output, _ = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        output, _ = job.communicate()
+        pytest.fail(f"the job did not finish in {timeout} s:\n{output[-3000:]}")
+    return job.returncode, output
+
+
+def _rows(output):
+    with open(os.path.join(output, "results.csv")) as handle:
+        return list(csv.DictReader(handle))
+
+
+def _trial_pids(output):
+    """Trial id -> the process ids that reported its epochs, in order (a retried trial has
+    more than one)."""
+    pids = {}
+    for path in glob.glob(os.path.join(output, "tune", "search", "*", "result.json")):
+        with open(path) as handle:
+            for line in handle:
+                if line.strip():
+                    result = json.loads(line)
+                    trial_pids = pids.setdefault(result["trial_id"], [])
+                    if result["pid"] not in trial_pids:
+                        trial_pids.append(result["pid"])
+    return pids
+
+
+def _trial_nodes(cluster, output):
+    """Trial id -> the node ids its processes ran on, in order."""
+    node_of_pid = {actor["pid"]: actor["node_id"] for actor in cluster.state("actors", "--detail")}
+    return {trial: [node_of_pid.get(pid) for pid in pids] for trial, pids in _trial_pids(output).items()}
+
+
+def _tune_trials(output):
+    """Trial id -> (status, failures) from Tune's own saved experiment state; {} before it
+    exists or while it is being written."""
+    try:
+        state_file = sorted(glob.glob(os.path.join(output, "tune", "search", "experiment_state-*.json")))[-1]
+        with open(state_file) as handle:
+            trial_data = json.load(handle)["trial_data"]
+    except (IndexError, ValueError, KeyError, OSError):
+        return {}
+    trials = {}
+    for trial, run in trial_data:
+        trial, run = json.loads(trial), json.loads(run)
+        trials[trial["trial_id"]] = (trial["status"], run["num_failures"])
+    return trials
+
+
+def _assert_every_trial_done_once(output, trials):
+    rows = _rows(output)
+    assert len(rows) == trials and len({row["trial_id"] for row in rows}) == trials, rows
+    assert all(row["status"] == "done" and float(row["val_accuracy"]) > 0 for row in rows), rows
+    assert os.path.isfile(os.path.join(output, "final", "metrics.json"))
+
+
+@pytest.mark.slow
+def test_a_search_job_spreads_its_trials_over_both_nodes(cluster, shared_dirs, tmp_path):
+    # A relative --output lands on the storage the job's environment names.
+    job = _submit(cluster, _search_command("search", shared_dirs, trials=4, epochs=3),
+                  runtime_env={"env_vars": {"DOGBREEDS_STORAGE": str(tmp_path)}})
+    returncode, log = _finish(job, timeout=420)
+    assert returncode == 0 and "succeeded" in log, log[-3000:]
+    output = str(tmp_path / "search")
+    _assert_every_trial_done_once(output, 4)
+    nodes = _trial_nodes(cluster, output)
+    used = {node for trial_nodes in nodes.values() for node in trial_nodes}
+    print("trials per node:", {node[:8]: sum(node in n for n in nodes.values()) for node in used})
+    assert None not in used and used == set(cluster.node_ids), f"trials ran on {used}, nodes {cluster.node_ids}"
+
+
+@pytest.mark.slow
+def test_a_search_finishes_every_trial_when_the_worker_node_dies(cluster, shared_dirs, tmp_path):
+    worker = next(node for node, is_head in cluster.node_ids.items() if not is_head)
+    head = next(node for node, is_head in cluster.node_ids.items() if is_head)
+    output = str(tmp_path / "search")
+    # One photo a step: each trial runs long enough (tens of seconds) to be caught mid-way.
+    slow_trials = ["--scheduler", "none", "--batch-size", "1"]
+    job = _submit(cluster, _search_command(output, shared_dirs, trials=3, epochs=8, extra=slow_trials))
+    try:
+        # Wait for a trial on the worker node to report an epoch, then kill that node.
+        deadline, victim = time.time() + 300, None
+        while victim is None and time.time() < deadline and job.poll() is None:
+            time.sleep(2)
+            victim = next((trial for trial, nodes in _trial_nodes(cluster, output).items() if worker in nodes), None)
+        assert victim is not None, "no trial reached the worker node"
+        assert _tune_trials(output).get(victim, ("RUNNING",))[0] != "TERMINATED", "the trial should still run"
+        cluster.kill("worker")
+        killed_at = time.time()
+        returncode, log = _finish(job, timeout=420)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert returncode == 0 and "succeeded" in log, log[-3000:]
+    print(f"search finished {time.time() - killed_at:.0f} s after the worker node was killed")
+    _assert_every_trial_done_once(output, 3)
+    assert _tune_trials(output)[victim][1] >= 1  # Tune saw the trial fail with its node ...
+    nodes = _trial_nodes(cluster, output)[victim]
+    assert nodes[0] == worker and nodes[-1] == head  # ... and ran it again on the head
+
