@@ -159,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(pipeline_bench, "resize to this size (default: 224)")
     pipeline_bench.add_argument("--output", default="bench_pipeline.json", help="the JSON file")
+    heads_bench = benches.add_parser(
+        "heads", help="head trials on cached features against end to end, in one run"
+    )
+    _add_data_options(heads_bench, "input size (default: 128)")
+    heads_bench.add_argument("--backbone", default="mobilenet_025", help="a transfer model")
+    heads_bench.add_argument("--weights", default="imagenet", help="imagenet or a local .h5")
+    heads_bench.add_argument("--views", type=int, default=2, help="augmented views per photo")
+    heads_bench.add_argument("--trials", type=int, default=8, help="head trials in each arm")
+    heads_bench.add_argument("--epochs", type=int, default=5, help="epochs per trial")
+    heads_bench.add_argument("--output", default="bench_heads.json", help="the JSON file")
     serve_bench = benches.add_parser(
         "serve", help="Serve requests/s and latency, batched and unbatched, against bare model.predict"
     )
@@ -334,11 +344,11 @@ def command_serve(args) -> None:
 
 
 def command_bench_serve(args) -> None:
-    from dogbreeds import serve
+    from dogbreeds import bench, serve
 
     serve.parse_serve_args(bundle=args.bundle, num_replicas=args.replicas, max_batch_size=args.max_batch_size,
                            batch_wait_ms=args.batch_wait_ms)  # bad options fail before Ray starts
-    result = serve.bench_serve(
+    result = bench.bench_serve(
         args.bundle, args.data_dir, tuple(args.concurrency), args.duration, args.max_batch_size,
         args.batch_wait_ms, args.replicas, args.port,
     )
@@ -353,7 +363,14 @@ def command_bench(args) -> None:
         return command_bench_serve(args)
     from dogbreeds import bench
 
-    result = bench.bench_pipeline(_data_config(args), args.image_size or 224)
+    if args.bench == "heads":
+        weights = None if args.weights.lower() == "none" else args.weights
+        result = bench.bench_heads(
+            _data_config(args), args.backbone, weights, args.image_size or 128, args.views,
+            args.trials, args.epochs,
+        )
+    else:
+        result = bench.bench_pipeline(_data_config(args), args.image_size or 224)
     print(json.dumps(result, indent=1))
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=1)
