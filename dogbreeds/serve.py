@@ -1,0 +1,488 @@
+"""Serving: an exported bundle on Ray Serve, with a JSON API and a Gradio UI.
+
+    dogbreeds serve bundles/best                     # http://127.0.0.1:8000/
+    serve deploy cluster/serve_config.yaml           # the same application on a cluster
+
+`build_app(ServeArgs)` binds two deployments:
+- `Classifier` loads the bundle once per replica, checks each photo, prepares it with the
+  bundle's own preprocessing (never re-implemented here) and batches the model calls with
+  `@serve.batch`;
+- `Ingress` answers HTTP: `POST /predict` (a multipart upload or the raw image bytes),
+  `GET /healthz`, `GET /labels`, `GET /model`, the OpenAPI description at `/docs`, and the
+  Gradio UI at `/`, mounted on the same FastAPI app (Ray's `GradioServer` fails with
+  Gradio 6). The UI only calls the classifier, like any other client.
+
+A photo the service cannot read is a 4xx answer `{"detail": reason}`, never a 500: the
+checks run before anything is decoded, and a bad photo never joins a batch.
+"""
+
+import asyncio
+import io
+import os
+import signal
+import time
+import warnings
+from typing import Optional
+
+import numpy as np
+import pydantic
+from ray import serve
+
+# What Pillow identifies and TensorFlow's decoder reads (MPO is a camera's multi-picture JPEG).
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
+SUPPORTED_NAMES = "JPEG, PNG, GIF, BMP or WebP"
+# The number of breeds `POST /predict` answers when the query does not say (`?k=`).
+DEFAULT_TOP_K = 5
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+
+
+class ServeArgs(pydantic.BaseModel):
+    """The typed arguments of `build_app`; `serve deploy` validates a config's `args` here."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    # The bundle directory written by `dogbreeds export` (bundle.json and model.keras).
+    bundle: str
+    # Largest batch of photos per model call; one call of 32 costs far less than 32 of one.
+    max_batch_size: int = pydantic.Field(32, ge=1)
+    # How long the first photo of a batch waits for others; 10 ms is small against a call.
+    batch_wait_ms: float = pydantic.Field(10.0, ge=0)
+    # Classifier replicas (each holds the model once); with max_replicas, the autoscaling floor.
+    num_replicas: int = pydantic.Field(1, ge=1)
+    # Set: Serve autoscales the classifier between num_replicas and this many replicas.
+    max_replicas: Optional[int] = pydantic.Field(None, ge=1)
+    # Logical CPUs reserved per classifier replica.
+    num_cpus_per_replica: float = pydantic.Field(1.0, ge=0)
+    # GPUs per classifier replica; 0 runs the model on CPUs.
+    num_gpus_per_replica: float = pydantic.Field(0.0, ge=0)
+    # TensorFlow's threads per replica; 0 keeps TensorFlow's default (every core of the node).
+    tensorflow_threads: int = pydantic.Field(0, ge=0)
+    # Largest upload accepted, in bytes (10 MB): a bigger one is answered 413.
+    max_upload_bytes: int = pydantic.Field(10 * 1024 * 1024, ge=1)
+    # Largest photo in pixels (Pillow refuses above 179M anyway): decompression bombs are 422.
+    max_image_pixels: int = pydantic.Field(50_000_000, ge=1)
+    # Below this top probability, the UI says "not sure" instead of naming a breed.
+    confidence_threshold: float = pydantic.Field(0.5, ge=0, le=1)
+    # A folder of photos the UI offers as examples (up to 6, one per sub-folder); None: none.
+    examples_dir: Optional[str] = None
+    # Requests one ingress replica handles at once; Gradio's open event streams count too.
+    max_ongoing_requests: int = pydantic.Field(256, ge=1)
+
+
+def parse_serve_args(**values) -> ServeArgs:
+    """`ServeArgs` from keyword values; a bad value is a one-line `ValueError`."""
+    try:
+        return ServeArgs(**values)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in error.errors()
+        )
+        raise ValueError(problems) from None
+
+
+class ImageError(ValueError):
+    """A photo the service cannot read; `status_code` is the HTTP answer (a 4xx)."""
+
+    def __init__(self, status_code: int, reason: str):
+        super().__init__(status_code, reason)  # both in args: it pickles across Ray
+        self.status_code = status_code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def inspect_image(encoded: bytes, max_image_pixels: int) -> dict:
+    """Format and size of an encoded photo, read from its header only (no decoding).
+
+    Raises `ImageError` for no bytes (400), what is not a supported image (415) and
+    decompression bombs (422)."""
+    from PIL import Image
+
+    if not encoded:
+        raise ImageError(400, "empty upload: the request holds no image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(encoded)) as image:
+                image_format, (width, height) = image.format, image.size
+    except Image.DecompressionBombError as error:
+        raise ImageError(422, f"image too large to decode safely: {error}") from None
+    except Exception:  # noqa: BLE001 - whatever Pillow cannot identify is not a photo
+        raise ImageError(
+            415, f"not an image this service reads: send a {SUPPORTED_NAMES} photo"
+        ) from None
+    if image_format not in SUPPORTED_FORMATS:
+        raise ImageError(415, f"{image_format} images are not supported: send {SUPPORTED_NAMES}")
+    if width * height > max_image_pixels:
+        raise ImageError(
+            422,
+            f"image too large: {width}x{height} is {width * height} pixels, the limit is "
+            f"{max_image_pixels} (a decompression bomb?)",
+        )
+    return {"format": image_format, "width": width, "height": height}
+
+
+def build_forward(bundle):
+    """The bundle's model as one traced TensorFlow graph for any batch size: prepared uint8
+    photos as float32 [N, S, S, 3] in, probabilities out (what `Bundle.predict_arrays`
+    computes, without the ~15 ms that Keras' `predict_on_batch` adds to every call)."""
+    import tensorflow as tf
+
+    size = bundle.image_size
+    signature = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+    return tf.function(lambda images: bundle.model(images, training=False), input_signature=signature)
+
+
+@serve.deployment
+class Classifier:
+    """The model, loaded once per replica; photos are checked one by one and predicted in
+    batches."""
+
+    def __init__(self, args: ServeArgs):
+        if args.tensorflow_threads:
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(args.tensorflow_threads)
+            tf.config.threading.set_inter_op_parallelism_threads(args.tensorflow_threads)
+        from dogbreeds.export import load_bundle
+
+        self.args = args
+        self.bundle = load_bundle(args.bundle)
+        self.forward = build_forward(self.bundle)
+        self.predict_batch.set_max_batch_size(args.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(args.batch_wait_ms / 1000)
+        size = self.bundle.image_size
+        # The first call traces the graph: pay it here, not in the first request.
+        self.forward(np.zeros((1, size, size, 3), np.float32))
+
+    def describe(self) -> dict:
+        """The bundle's description (name, version, breeds, metrics, configuration)."""
+        return self.bundle.info
+
+    async def classify(self, encoded: bytes, top_k: int = DEFAULT_TOP_K) -> dict:
+        """The `top_k` breeds of one encoded photo, with the model's name and version."""
+        inspect_image(encoded, self.args.max_image_pixels)
+        image = await asyncio.to_thread(self._prepare, encoded)
+        probabilities = await self.predict_batch(image)
+        names = self.bundle.class_names
+        best = np.argsort(-probabilities, kind="stable")[:top_k]
+        predictions = [{"breed": names[i], "probability": float(probabilities[i])} for i in best]
+        return {
+            "predictions": predictions,
+            "confident": predictions[0]["probability"] >= self.args.confidence_threshold,
+            "model": self.bundle.info["name"],
+            "version": self.bundle.info["version"],
+        }
+
+    def _prepare(self, encoded: bytes) -> np.ndarray:
+        import tensorflow as tf
+
+        try:
+            return self.bundle.prepare(encoded)
+        except tf.errors.OpError as error:
+            detail = str(error).strip().splitlines()[0].split("}}")[-1].strip()
+            raise ImageError(422, f"the image could not be decoded (corrupt or truncated?): {detail}") from None
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from ServeArgs in __init__
+    async def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Probabilities for a batch of prepared photos, in one model call."""
+        batch = np.stack(images).astype(np.float32)
+        # In a thread, so the next batch gathers while this one runs.
+        probabilities = await asyncio.to_thread(lambda: self.forward(batch).numpy())
+        return list(probabilities)
+
+
+class Breed(pydantic.BaseModel):
+    """One breed and its probability."""
+
+    breed: str
+    probability: float
+
+
+class Prediction(pydantic.BaseModel):
+    """The answer of `POST /predict`."""
+
+    predictions: list[Breed]  # the top k, most probable first
+    confident: bool  # the top probability reaches the confidence threshold
+    model: str
+    version: str
+
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+_ERRORS = {
+    status: {"description": description}
+    for status, description in (
+        (400, "no image in the request"),
+        (413, "upload over the size limit"),
+        (415, "not multipart or an image content type, or not a supported image"),
+        (422, "an image that does not decode, or too many pixels, or a bad k"),
+    )
+}
+# Multipart's boundaries and headers around the file.
+_MULTIPART_SLACK_BYTES = 64 * 1024
+
+
+async def read_upload(request, max_upload_bytes: int) -> bytes:
+    """The photo of a `POST /predict`: a multipart form's `file`, or the raw body.
+
+    Raises `ImageError` 413 past the size limit, 415 for other content types, 400 without
+    a file."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    multipart = content_type == "multipart/form-data"
+    if not (multipart or content_type in ("", "application/octet-stream") or content_type.startswith("image/")):
+        raise ImageError(
+            415,
+            f"content type {content_type!r}: send multipart/form-data with a 'file' field, or "
+            "the image itself as image/* or application/octet-stream",
+        )
+    limit = max_upload_bytes + (_MULTIPART_SLACK_BYTES if multipart else 0)
+    too_large = ImageError(413, f"upload over the limit of {max_upload_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large  # refused before reading it
+    body, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        body.append(chunk)
+    body = b"".join(body)
+    if not multipart:
+        if not body:
+            raise ImageError(400, "no image: send the photo as the request body or as a multipart 'file'")
+        return body
+
+    async def receive():  # the form parser reads the body already read above
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, receive).form(max_files=4, max_fields=16)
+    except Exception as error:  # noqa: BLE001 - a malformed form is the client's error
+        raise ImageError(400, f"malformed multipart form: {error}") from None
+    files = [value for value in form.values() if isinstance(value, UploadFile)]
+    upload = form.get("file") if isinstance(form.get("file"), UploadFile) else (files or [None])[0]
+    if upload is None:
+        raise ImageError(400, "no file in the form: send the photo as the 'file' field")
+    encoded = await upload.read()
+    if len(encoded) > max_upload_bytes:
+        raise too_large
+    return encoded
+
+
+def build_http_app(classifier, info: dict, args: ServeArgs):
+    """The ingress's FastAPI app: the JSON API, then the Gradio UI mounted at `/`."""
+    import fastapi
+    from fastapi.responses import JSONResponse
+
+    num_classes = len(info["class_names"])
+    app = fastapi.FastAPI(
+        title="dogbreeds",
+        version=info["version"],
+        description=f"Dog breeds of photos: {info['name']} ({num_classes} breeds). "
+        "The Gradio UI is at /.",
+    )
+
+    @app.exception_handler(ImageError)
+    async def image_error(request, error: ImageError):
+        return JSONResponse({"detail": error.reason}, status_code=error.status_code)
+
+    @app.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra={"requestBody": _UPLOAD_BODY})
+    async def predict(
+        request: fastapi.Request,
+        k: int = fastapi.Query(DEFAULT_TOP_K, ge=1, le=num_classes, description="how many breeds"),
+    ):
+        """The top k breeds of a photo: a multipart upload (`file`) or the raw image bytes."""
+        encoded = await read_upload(request, args.max_upload_bytes)
+        return await classifier.classify.remote(encoded, k)
+
+    @app.get("/healthz")
+    async def healthz():
+        """Answers when the classifier answers."""
+        described = await classifier.describe.remote()
+        return {"status": "ok", "model": described["name"], "version": described["version"]}
+
+    @app.get("/labels")
+    def labels():
+        """The breeds the model knows, in the order of its outputs."""
+        return {"num_classes": num_classes, "labels": info["class_names"]}
+
+    @app.get("/model")
+    def model():
+        """The model's metrics and provenance: configuration, versions, preprocessing."""
+        serving = args.model_dump(exclude={"bundle", "examples_dir"})
+        return {key: value for key, value in info.items() if key != "class_names"} | {"serving": serving}
+
+    import gradio
+
+    ui = build_ui(classifier, info, args)
+    return gradio.mount_gradio_app(
+        app, ui, path="/", max_file_size=args.max_upload_bytes, footer_links=["api"], ssr_mode=False
+    )
+
+
+def find_examples(folder: str, count: int = 6) -> list[str]:
+    """Up to `count` photos of `folder` for the UI, one per sub-folder first."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"examples folder not found: {folder}")
+    by_folder = []
+    for root, directories, files in sorted(os.walk(folder)):
+        directories.sort()
+        photos = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        if photos:
+            by_folder.append([os.path.join(root, photo) for photo in photos])
+    chosen = [photos[0] for photos in by_folder[:count]]
+    rest = [photo for photos in by_folder for photo in photos if photo not in chosen]
+    return chosen + rest[: count - len(chosen)]
+
+
+def build_ui(classifier, info: dict, args: ServeArgs):
+    """The Gradio page: a photo in, the top 5 breeds out as bars, or an honest "not sure"."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a server
+    import gradio as gr
+
+    num_classes = len(info["class_names"])
+    test = info.get("metrics", {}).get("test", {})
+    accuracy = f", test top-1 {test['top1']:.0%}" if "top1" in test else ""
+
+    async def classify_photo(path):
+        if not path:
+            return "", None
+        with open(path, "rb") as handle:
+            encoded = handle.read()
+        try:
+            result = await classifier.classify.remote(encoded, DEFAULT_TOP_K)
+        except ImageError as error:
+            return f"### Cannot read this photo\n{error.reason}", None
+        top = result["predictions"][0]
+        if result["confident"]:
+            verdict = f"### {top['breed']}\n{top['probability']:.0%} sure."
+        else:
+            verdict = (
+                f"### Not sure — maybe not a dog, or a breed outside the {num_classes} this "
+                f"model knows\nIts best guess, {top['breed']}, has only {top['probability']:.0%}."
+            )
+        return verdict, {p["breed"]: p["probability"] for p in result["predictions"]}
+
+    # System fonts: the default theme fetches Google Fonts, which an offline server may not reach.
+    theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                           font_mono=["ui-monospace", "monospace"])
+    with gr.Blocks(title="dogbreeds", theme=theme) as ui:
+        gr.Markdown(
+            f"# Which dog breed is this?\nUpload or paste a photo. Model {info['name']} "
+            f"(version {info['version']}), {num_classes} breeds{accuracy}."
+        )
+        with gr.Row():
+            photo = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                             label="Photo", height=360)
+            with gr.Column():
+                verdict = gr.Markdown(elem_id="verdict")
+                bars = gr.Label(num_top_classes=DEFAULT_TOP_K, label="Top 5", show_heading=False, elem_id="top5")
+        if args.examples_dir:
+            gr.Examples(find_examples(args.examples_dir), inputs=photo, label="Example photos")
+        photo.change(classify_photo, photo, [verdict, bars])
+    ui.queue(default_concurrency_limit=args.max_batch_size)  # UI photos batch like API ones
+    return ui
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """HTTP in front of the classifier: the JSON API and the Gradio UI, on one FastAPI app."""
+
+    def __init__(self, classifier, args: ServeArgs):
+        self.classifier = classifier
+        self.args = args
+
+    async def __serve_build_asgi_app__(self):
+        # Built in the replica, after the constructor: the routes and the UI hold the handle.
+        info = await self.classifier.describe.remote()
+        return build_http_app(self.classifier, info, self.args)
+
+
+def build_app(args: ServeArgs) -> serve.Application:
+    """The Serve application for a bundle (a typed app builder: `serve run`, `serve deploy`
+    and `dogbreeds serve` all call it)."""
+    if isinstance(args, dict):  # called directly rather than by Serve
+        args = ServeArgs.model_validate(args)
+    if not os.path.isfile(os.path.join(args.bundle, "bundle.json")):
+        raise ValueError(f"not a dogbreeds bundle (no bundle.json): {args.bundle}")
+    if args.examples_dir and not os.path.isdir(args.examples_dir):
+        raise ValueError(f"examples folder not found: {args.examples_dir}")
+    args = args.model_copy(update={"bundle": os.path.abspath(args.bundle)})
+    if args.max_replicas is not None:
+        scaling = dict(
+            autoscaling_config={
+                "min_replicas": args.num_replicas,
+                "max_replicas": max(args.max_replicas, args.num_replicas),
+                # Enough requests in flight per replica to fill a batch and gather the next.
+                "target_ongoing_requests": args.max_batch_size,
+            }
+        )
+    else:
+        scaling = dict(num_replicas=args.num_replicas)
+    classifier = Classifier.options(
+        **scaling,
+        # One batch running and one gathering, and never fewer than 32: Serve's router backs
+        # off (hundreds of ms) when every replica is full, which an unbatched one soon is.
+        max_ongoing_requests=max(2 * args.max_batch_size, 32),
+        ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
+    ).bind(args)
+    # No CPU reserved: the ingress only parses HTTP and waits on the classifier, and one
+    # replica keeps Gradio's queue and its event streams in one process.
+    return Ingress.options(
+        num_replicas=1, max_ongoing_requests=args.max_ongoing_requests, ray_actor_options={"num_cpus": 0}
+    ).bind(classifier, args)
+
+
+def start_serve(host: str, port: int, ray_address: str | None = None) -> None:
+    """Connect to Ray (`ray_address`, or a new local Ray) and start Serve's HTTP proxy on
+    host:port, unless this process already runs them."""
+    import ray
+
+    if not ray.is_initialized():
+        # "local": a new Ray of our own, never a cluster that `ray start` left running.
+        ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+
+
+def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None) -> None:
+    """`dogbreeds serve`: deploy the app, print its URL and serve until interrupted."""
+    import ray
+
+    application = build_app(args)  # bad arguments fail before Ray starts
+    start_serve(host, port, ray_address)
+    try:
+        serve.run(application, name="dogbreeds", route_prefix="/")
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://{shown}:{port}"
+        print(f"dogbreeds serve: {url}/  (JSON API: POST {url}/predict, docs: {url}/docs)", flush=True)
+
+        def stop(signal_number, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("dogbreeds serve: stopping", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+

@@ -1,0 +1,507 @@
+"""Serving, for real: a bundle trained here, the Serve application on 127.0.0.1, every kind
+of bad input, a bounded load, a headless Chromium, and the README's serving commands
+(`dogbreeds serve`, curl, `serve deploy cluster/serve_config.yaml`, `dogbreeds bench serve`)."""
+
+import asyncio
+import functools
+import io
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dogbreeds import cli, serve as serving
+from tests.conftest import ARTIFACTS, MOBILENET_WEIGHTS, NOT_DOGS_DIR, ROOT, SAMPLE_DIR, SHARED, TINY_DIR
+
+README = (ROOT / "README.md").read_text()
+SERVING = README.split("## Serving", 1)[-1].split("\n## ", 1)[0]
+COMMANDS = [
+    line.strip()
+    for block in re.findall(r"```sh\n(.*?)```", SERVING, re.S)
+    for line in block.strip().splitlines()
+]
+PHOTO = SAMPLE_DIR / "Images" / "n02085620-Chihuahua" / "imagenet_sample_n02085620_Chihuahua.JPEG"
+BROWSER_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _readme_command(prefix: str) -> str:
+    matches = [command for command in COMMANDS if command.startswith(prefix)]
+    assert len(matches) == 1, f"the README's Serving section needs one `{prefix}` command: {COMMANDS}"
+    return matches[0]
+
+
+def _photos(folder) -> list[str]:
+    return sorted(str(path) for path in pathlib.Path(folder).rglob("*") if path.suffix.lower() in (".jpg", ".jpeg"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _encode(image: Image.Image, image_format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+@functools.lru_cache
+def _png_bomb(side: int = 20000) -> bytes:
+    """A real, complete side x side grayscale PNG of zeros: a few hundred KB, 400M pixels."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    compressor, row = zlib.compressobj(9), b"\x00" * (side + 1)  # filter byte + pixels
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast checks of the pieces, no Ray.
+
+
+def test_inspect_image_reads_headers_and_refuses_what_it_cannot_read():
+    photo = PHOTO.read_bytes()
+    assert serving.inspect_image(photo, 50_000_000)["format"] == "JPEG"
+    for encoded, status in [
+        (b"", 400),
+        (b"just some text\n", 415),
+        (b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', 415),
+        (_encode(Image.open(PHOTO), "TIFF"), 415),
+        (_png_bomb(), 422),
+    ]:
+        with pytest.raises(serving.ImageError) as error:
+            serving.inspect_image(encoded, 50_000_000)
+        assert error.value.status_code == status and error.value.reason
+    with pytest.raises(serving.ImageError, match="limit is 1000"):
+        serving.inspect_image(photo, 1000)
+
+
+def test_serve_arguments_are_checked():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        serving.parse_serve_args(bundle="x", max_batch_size=0)
+    with pytest.raises(ValueError, match="Extra inputs"):
+        serving.parse_serve_args(bundle="x", batch_size=8)
+    with pytest.raises(ValueError, match="not a dogbreeds bundle"):
+        serving.build_app(serving.ServeArgs(bundle=str(SAMPLE_DIR)))
+    assert cli.main(["serve", "/no/such/bundle"]) == 1
+
+
+def test_examples_are_one_photo_per_folder_first():
+    examples = serving.find_examples(str(SAMPLE_DIR))
+    assert len(examples) == 6 and len({os.path.dirname(path) for path in examples}) == 6
+    assert len(serving.find_examples(str(NOT_DOGS_DIR), 20)) == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# A real bundle and a real Serve application.
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(ray_cluster, cache_dir, tmp_path_factory):
+    """mobilenet_025 on the real backbone, one epoch, exported by the README's command."""
+    runs = tmp_path_factory.mktemp("serve") / "runs"
+    train = [
+        "train", "mobilenet_025", "--data-dir", str(TINY_DIR), "--image-size", "128", "--epochs", "1",
+        "--workers", "1", "--weights", str(MOBILENET_WEIGHTS), "--output", f"{runs}/mobilenet",
+        "--cache-dir", cache_dir,
+    ]
+    assert cli.main(train) == 0
+    export = _readme_command(".venv/bin/dogbreeds export ").removeprefix(".venv/bin/dogbreeds ")
+    assert cli.main([arg.replace("runs/", f"{runs}/") for arg in shlex.split(export)]) == 0
+    return str(runs / "bundle")
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    """The same bundle loaded here: `model.predict` without Serve, to compare against."""
+    from dogbreeds.export import load_bundle
+
+    return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, bundle_dir):
+    """The application on this session's Ray, on a free port of 127.0.0.1."""
+    from ray import serve
+
+    port = _free_port()
+    serving.start_serve("127.0.0.1", port)
+    args = serving.ServeArgs(bundle=bundle_dir, max_batch_size=16, examples_dir=str(SAMPLE_DIR))
+    serve.run(serving.build_app(args), name="dogbreeds", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "args": args}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import httpx
+
+    with httpx.Client(base_url=server["url"], timeout=120) as http:
+        yield http
+
+
+def _expected(bundle, encoded: bytes, k: int = 5) -> list[tuple[str, float]]:
+    probabilities = bundle.predict([encoded])[0]
+    best = np.argsort(-probabilities, kind="stable")[:k]
+    return [(bundle.class_names[i], float(probabilities[i])) for i in best]
+
+
+def _assert_consistent(answer: dict, expected: list[tuple[str, float]], bundle) -> None:
+    got = [(p["breed"], p["probability"]) for p in answer["predictions"]]
+    assert len(got) == len(expected)
+    np.testing.assert_allclose([p for _, p in got], [p for _, p in expected], atol=1e-4)
+    for (breed, probability), (expected_breed, _) in zip(got, expected):
+        # Equal probabilities may come in either order; otherwise the breeds match.
+        assert breed == expected_breed or abs(probability - dict(expected)[breed]) < 1e-4
+    assert answer["model"] == bundle.info["name"] and answer["version"] == bundle.info["version"]
+
+
+@pytest.mark.slow
+def test_real_photos_get_the_breeds_model_predict_gives(client, bundle):
+    from concurrent.futures import ThreadPoolExecutor
+
+    photos = _photos(str(SAMPLE_DIR))
+    assert len(photos) == 301
+
+    def ask(path):
+        with open(path, "rb") as handle:
+            return client.post("/predict", files={"file": (os.path.basename(path), handle)})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, photos))
+    assert [answer.status_code for answer in answers] == [200] * len(photos)
+    for path, answer in list(zip(photos, answers))[::10]:  # every 10th against model.predict
+        with open(path, "rb") as handle:
+            _assert_consistent(answer.json(), _expected(bundle, handle.read()), bundle)
+    raw = client.post("/predict?k=3", content=PHOTO.read_bytes(), headers={"content-type": "image/jpeg"})
+    _assert_consistent(raw.json(), _expected(bundle, PHOTO.read_bytes(), 3), bundle)
+    everything = client.post(f"/predict?k={len(bundle.class_names)}", content=PHOTO.read_bytes())
+    assert sum(p["probability"] for p in everything.json()["predictions"]) == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_photos_without_dogs_get_answers(client, bundle):
+    for path in _photos(str(NOT_DOGS_DIR)) + _photos(str(SHARED / "data" / "other_dogs")):
+        encoded = pathlib.Path(path).read_bytes()
+        answer = client.post("/predict", files={"file": (os.path.basename(path), encoded)})
+        assert answer.status_code == 200, (path, answer.text)
+        _assert_consistent(answer.json(), _expected(bundle, encoded), bundle)
+        top = answer.json()["predictions"][0]["probability"]
+        assert answer.json()["confident"] == (top >= 0.5)
+
+
+@pytest.mark.slow
+def test_health_labels_model_and_openapi(client, bundle):
+    assert client.get("/healthz").json() == {
+        "status": "ok", "model": bundle.info["name"], "version": bundle.info["version"]
+    }
+    assert client.get("/labels").json() == {"num_classes": 6, "labels": bundle.class_names}
+    model = client.get("/model").json()
+    assert model["metrics"]["test"]["top1"] == bundle.info["metrics"]["test"]["top1"]
+    assert model["config"]["train"]["model"] == "mobilenet_025" and "versions" in model["config"]
+    assert model["preprocessing"]["chain"] == "decode|resize(128)"
+    assert model["serving"]["max_batch_size"] == 16
+    openapi = client.get("/openapi.json").json()
+    assert {"/predict", "/healthz", "/labels", "/model"} <= set(openapi["paths"])
+    assert "multipart/form-data" in openapi["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+    assert "gradio" in client.get("/").text.lower()
+
+
+@functools.lru_cache
+def _odd_but_valid_images() -> dict[str, bytes]:
+    """Real photos in the forms a browser or a phone may send."""
+    rgb = Image.open(PHOTO).convert("RGB")
+    gray16 = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+    assert gray16.mode == "I;16"
+    return {
+        "png_with_alpha": _encode(rgb.convert("RGBA"), "PNG"),
+        "grayscale_jpeg": _encode(rgb.convert("L"), "JPEG"),
+        "cmyk_jpeg": _encode(rgb.convert("CMYK"), "JPEG"),
+        "png_16_bit": _encode(gray16, "PNG"),
+        "animated_gif": _encode(rgb, "GIF", save_all=True, append_images=[rgb.rotate(90)], duration=100, loop=0),
+        "webp": _encode(rgb, "WEBP"),
+        "bmp": _encode(rgb, "BMP"),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["png_with_alpha", "grayscale_jpeg", "cmyk_jpeg", "png_16_bit", "animated_gif", "webp", "bmp"])
+def test_odd_but_valid_images_get_predictions(client, bundle, name):
+    encoded = _odd_but_valid_images()[name]
+    answer = client.post("/predict", files={"file": (f"photo.{name}", encoded)})
+    assert answer.status_code == 200, answer.text
+    # An animated GIF: its first frame, exactly as the bundle's own preprocessing reads it.
+    _assert_consistent(answer.json(), _expected(bundle, encoded), bundle)
+
+
+def _bad_requests(limit: int) -> dict:
+    """Each bad request (a function giving httpx.post's keyword arguments) and its status."""
+    photo = PHOTO.read_bytes()
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><circle r="40"/></svg>'
+    return {
+        "zero_bytes": (lambda: dict(content=b"", headers={"content-type": "image/jpeg"}), 400),
+        "zero_byte_file": (lambda: dict(files={"file": ("empty.jpg", b"", "image/jpeg")}), 400),
+        "random_bytes": (lambda: dict(content=np.random.default_rng(0).bytes(5000)), 415),
+        "truncated_jpeg": (lambda: dict(files={"file": ("cut.jpg", photo[: len(photo) // 2], "image/jpeg")}), 422),
+        "text_file": (lambda: dict(files={"file": ("notes.txt", b"a dog, I promise\n" * 20, "text/plain")}), 415),
+        "svg": (lambda: dict(files={"file": ("dog.svg", svg, "image/svg+xml")}), 415),
+        "tiff": (lambda: dict(files={"file": ("dog.tiff", _encode(Image.open(PHOTO), "TIFF"), "image/tiff")}), 415),
+        "decompression_bomb": (lambda: dict(files={"file": ("bomb.png", _png_bomb(), "image/png")}), 422),
+        "over_the_size_limit": (lambda: dict(files={"file": ("big.jpg", photo + b"\0" * limit, "image/jpeg")}), 413),
+        "raw_over_the_size_limit": (
+            lambda: dict(content=photo + b"\0" * limit, headers={"content-type": "image/jpeg"}), 413
+        ),
+        "wrong_content_type": (lambda: dict(content=photo, headers={"content-type": "application/json"}), 415),
+        "text_content_type": (lambda: dict(content=photo, headers={"content-type": "text/plain"}), 415),
+        "no_file_at_all": (lambda: dict(), 400),
+        "form_without_a_file": (lambda: dict(files={"photo_url": (None, "http://example.com/dog.jpg")}), 400),
+        "k_zero": (lambda: dict(content=photo, params={"k": 0}), 422),
+        "k_past_the_breeds": (lambda: dict(content=photo, params={"k": 121}), 422),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(_bad_requests(1)))
+def test_bad_input_is_a_4xx_with_a_reason_then_the_service_still_answers(client, server, bundle, case):
+    request, status = _bad_requests(server["args"].max_upload_bytes)[case]
+    answer = client.post("/predict", **request())
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["detail"], answer.text  # the reason
+    after = client.post("/predict", files={"file": (PHOTO.name, PHOTO.read_bytes())})
+    assert after.status_code == 200
+    _assert_consistent(after.json(), _expected(bundle, PHOTO.read_bytes()), bundle)
+
+
+@pytest.mark.slow
+def test_sixteen_clients_for_twenty_seconds_get_no_errors(server, bundle):
+    """A bounded load on 127.0.0.1: every answer a 200 with the right breeds."""
+    import httpx
+
+    photos = [pathlib.Path(path).read_bytes() for path in _photos(str(SAMPLE_DIR))[:32]]
+    expected = {index: _expected(bundle, photo)[0][0] for index, photo in enumerate(photos)}
+    statuses, wrong = [], []
+
+    async def client_loop(http, offset):
+        deadline, index = time.perf_counter() + 20, offset
+        while time.perf_counter() < deadline:
+            answer = await http.post("/predict", files={"file": ("photo.jpg", photos[index % len(photos)])})
+            statuses.append(answer.status_code)
+            if answer.status_code == 200:
+                breeds = [p["breed"] for p in answer.json()["predictions"]]
+                if expected[index % len(photos)] not in breeds[:2]:  # ties may swap the first two
+                    wrong.append(index % len(photos))
+            index += 16
+
+    async def load():
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=server["url"], timeout=120, limits=limits) as http:
+            await asyncio.gather(*(client_loop(http, offset) for offset in range(16)))
+
+    asyncio.run(load())
+    assert len(statuses) >= 32 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert wrong == []
+
+
+@pytest.mark.slow
+def test_a_browser_uploads_a_photo_and_sees_breeds(server, bundle):
+    """Headless Chromium on the Gradio page: upload a dog, a cat, click an example photo; read
+    the verdict and the top 5 bars each time. Screenshots go to test-artifacts/."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    examples = serving.find_examples(str(SAMPLE_DIR))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(server["url"] + "/", wait_until="networkidle", timeout=60_000)
+            assert "Which dog breed is this?" in page.content()
+            assert page.locator("button.gallery-item").count() == len(examples) == 6
+            for photo, name in (
+                (PHOTO, "serve_ui_dog.png"),
+                (NOT_DOGS_DIR / "cat_01.jpg", "serve_ui_not_a_dog.png"),
+                (examples[1], "serve_ui_example.png"),
+            ):
+                before = page.locator("#top5").inner_text()
+                if photo == examples[1]:
+                    page.locator("button.gallery-item").nth(1).click()
+                else:
+                    page.locator("input[type=file]").first.set_input_files(str(photo))
+                expected = _expected(bundle, pathlib.Path(photo).read_bytes())
+                top_breed, top_probability = expected[0]
+                page.wait_for_function(
+                    "([breed, percent, before]) => { const t = document.querySelector('#top5')?.innerText || '';"
+                    " return t !== before && t.includes(breed) && t.includes(percent); }",
+                    arg=[top_breed, f"{top_probability:.0%}", before],
+                    timeout=60_000,
+                )
+                top5 = page.locator("#top5").inner_text()
+                assert all(breed in top5 for breed, _ in expected)
+                verdict = page.locator("#verdict").inner_text()
+                if top_probability >= server["args"].confidence_threshold:
+                    assert verdict.startswith(top_breed)
+                else:
+                    assert verdict.startswith("Not sure — maybe not a dog")
+                page.wait_for_timeout(1000)  # Gradio fades its outputs in
+                page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+                assert (ARTIFACTS / name).stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's serving commands, run for real.
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _run_readme_curl(port: int) -> dict:
+    curl = _readme_command("curl ").replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    result = subprocess.run(shlex.split(curl) + ["--silent", "--show-error", "--max-time", "120"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_dogbreeds_serve_command_prints_its_url_and_answers_the_readme_curl(bundle_dir, tmp_path):
+    command = _readme_command(".venv/bin/dogbreeds serve ").removeprefix(".venv/bin/dogbreeds ")
+    port = _free_port()
+    argv = [arg.replace("runs/bundle", bundle_dir) for arg in shlex.split(command)] + ["--port", str(port)]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", *argv], cwd=ROOT,
+                                   stdout=output, stderr=subprocess.STDOUT)
+    try:
+        line = _wait_for(
+            lambda: re.search(r"^dogbreeds serve: (http://\S+)/ ", log.read_text(), re.M) or process.poll() is not None,
+            240, "the printed URL",
+        )
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert line.group(1) == f"http://127.0.0.1:{port}"  # 127.0.0.1 unless told otherwise
+        answer = _run_readme_curl(port)
+        assert len(answer["predictions"]) == 3 and answer["predictions"][0]["breed"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_serve_deploy_of_the_cluster_config_on_a_ray_started_head(bundle_dir, tmp_path):
+    """`ray start --head` (token authentication, as Ray 2.60 sets up) and the README's
+    `serve deploy cluster/serve_config.yaml`, with only the bundle, host and port changed."""
+    import httpx
+    import psutil
+    import yaml
+
+    config = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    serve_port, dashboard_port, gcs_port = _free_port(), _free_port(), _free_port()
+    config["http_options"].update(host="127.0.0.1", port=serve_port)
+    (application,) = config["applications"]
+    application["args"]["bundle"] = bundle_dir
+    config_path = tmp_path / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    deploy = _readme_command("serve deploy ").replace("cluster/serve_config.yaml", str(config_path))
+
+    bin_dir = os.path.dirname(sys.executable)
+    temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # its own: no other ray.init finds it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    env.pop("RAY_ADDRESS", None)
+    head_log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        def dashboard_up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(lambda: dashboard_up() or head.poll() is not None, 120, "the dashboard")
+        assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+        result = subprocess.run(f"{bin_dir}/{deploy}", shell=True, env=env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+        def healthy():
+            try:
+                return httpx.get(f"http://127.0.0.1:{serve_port}/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(healthy, 240, "the deployed application")
+        answer = _run_readme_curl(serve_port)
+        assert len(answer["predictions"]) == 3
+        subprocess.run([f"{bin_dir}/serve", "shutdown", "--yes"], env=env, capture_output=True, timeout=120)
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for process in psutil.process_iter():  # and whatever outlived it, in its session only
+            try:
+                if os.getsid(process.pid) == head.pid:
+                    process.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        head_log.close()
+
+
+@pytest.mark.slow
+def test_bench_serve_prints_and_writes_json(server, bundle_dir, tmp_path, capsys):
+    command = _readme_command(".venv/bin/dogbreeds bench serve ").removeprefix(".venv/bin/dogbreeds ")
+    argv = [bundle_dir if arg == "runs/bundle" else arg.replace("runs/", f"{tmp_path}/") for arg in shlex.split(command)]
+    # Short: this checks the command, not the numbers (README's come from the full run).
+    argv += ["--concurrency", "1", "4", "--duration", "1", "--max-batch-size", "8", "--port", str(server["port"])]
+    assert cli.main(argv) == 0
+    output = next(arg for arg in argv if arg.endswith(".json"))
+    result = json.loads(pathlib.Path(output).read_text())
+    for mode in ("batched", "unbatched"):
+        for concurrency in ("1", "4"):
+            measured = result[mode][concurrency]
+            assert measured["requests"] > 0 and measured["errors"] == 0
+            assert 0 < measured["p50_ms"] <= measured["p99_ms"]
+    assert result["bare_model_predict_images_per_s"] > 0 and result["bare_forward_images_per_s"] > 0
+    assert result["serve_at_4_over_bare_model_predict"] > 0 and result["batched_over_unbatched_at_4"] > 0
+    assert '"benchmark": "serve"' in capsys.readouterr().out
