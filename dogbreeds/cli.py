@@ -390,6 +390,38 @@ COMMANDS = {
 }
 
 
+# Options whose relative paths a cluster job puts on the shared storage.
+STORAGE_OPTIONS = ("--output", "--features-dir", "--cache-dir", "--tfds-dir", "--examples")
+
+
+def on_storage(argv: list[str]) -> list[str]:
+    """argv with relative storage paths (and `serve`'s bundle) moved under $DOGBREEDS_STORAGE,
+    the storage every node of a cluster mounts (ray_cluster.yaml sets it); unchanged if unset."""
+    storage = os.environ.get("DOGBREEDS_STORAGE")
+    argv = list(argv)
+    if not storage:
+        return argv
+
+    def moved(path):
+        return path if os.path.isabs(path) else os.path.join(storage, path)
+
+    if argv[:1] == ["serve"] and len(argv) > 1 and not argv[1].startswith("-"):
+        argv[1] = moved(argv[1])
+    for position, option in enumerate(argv[:-1]):
+        if option in STORAGE_OPTIONS:
+            argv[position + 1] = moved(argv[position + 1])
+    return argv
+
+
+def main_on_cluster(argv: list[str]) -> int:
+    """A `cluster/` job: attach to the running Ray cluster (the CLI then starts no Ray of its
+    own), and run the command with its storage paths on the shared storage."""
+    import ray
+
+    ray.init(address="auto")
+    return main(on_storage(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

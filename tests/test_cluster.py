@@ -90,20 +90,22 @@ def test_entry_point_takes_the_clis_options(name):
         "train": ["xception", "--workers", "4", "--output", "runs/xception"],
         "serve": ["runs/bundle"],
     }
-    args = cli.build_parser().parse_args(module.SUBCOMMAND + module.on_storage(samples[name]))
+    args = cli.build_parser().parse_args(cli.on_storage(module.SUBCOMMAND + samples[name]))
     assert args.command == ENTRY_POINTS[name]
 
 
 def test_relative_storage_paths_go_to_the_shared_storage(monkeypatch):
-    module = _load_entry_point("search")
-    argv = ["head", "--output", "runs/a", "--features-dir", "/abs/f", "--cache-dir", "c", "--data-dir", "d"]
+    from dogbreeds import cli
+
+    argv = ["search", "head", "--output", "runs/a", "--features-dir", "/abs/f", "--cache-dir", "c", "--data-dir", "d"]
     monkeypatch.delenv("DOGBREEDS_STORAGE", raising=False)
-    assert module.on_storage(argv) == argv
+    assert cli.on_storage(argv) == argv
     monkeypatch.setenv("DOGBREEDS_STORAGE", "/mnt/shared/dogbreeds")
-    assert module.on_storage(argv) == [
-        "head", "--output", "/mnt/shared/dogbreeds/runs/a", "--features-dir", "/abs/f",
+    assert cli.on_storage(argv) == [
+        "search", "head", "--output", "/mnt/shared/dogbreeds/runs/a", "--features-dir", "/abs/f",
         "--cache-dir", "/mnt/shared/dogbreeds/c", "--data-dir", "d",
     ]
+    assert cli.on_storage(["serve", "runs/bundle", "--port", "8000"])[1] == "/mnt/shared/dogbreeds/runs/bundle"
 
 
 # ---------------------------------------------------------------------------------------------
