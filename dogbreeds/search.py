@@ -180,6 +180,9 @@ def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resum
             max_concurrent_trials=None if search.algorithm == "random" else search.concurrent_trials,
             search_alg=algorithm,
             scheduler=scheduler,
+            # A stopped trial's actor must end: a cnn3v2 trial's driver is blocked in its Ray
+            # Train run, which would otherwise train on and keep its CPUs (or GPUs) reserved.
+            reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=name,

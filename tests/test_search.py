@@ -85,6 +85,11 @@ def test_cnn3v2_search_of_two_trials(ray_cluster, cache_dir, tmp_path):
             assert "test" not in json.loads((trial / "metrics.json").read_text())
     final = json.loads((tmp_path / "final" / "metrics.json").read_text())
     assert final["test"]["num_images"] == 600  # retrained without the subset, tested once
+    # A trial that ASHA stopped released its Ray Train run's CPUs (no leaked placement groups).
+    deadline = time.time() + 60
+    while time.time() < deadline and ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
+        time.sleep(1)
+    assert ray_cluster.available_resources().get("CPU", 0) == ray_cluster.cluster_resources()["CPU"]
     assert json.loads((tmp_path / "final" / "config.json").read_text())["data"]["subset_per_class"] is None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
