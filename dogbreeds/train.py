@@ -14,7 +14,9 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -303,7 +305,14 @@ def run_training(
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    # Ray Train leaves a SIGINT handler holding its controller actor: keep it alive (and its
+    # resources reserved) no longer than the run, or later runs in this process wait forever.
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint_handler)
     with result.checkpoint.as_directory() as directory:
         for name in RUN_FILES:
             shutil.copy(os.path.join(directory, name), os.path.join(run_dir, name))
