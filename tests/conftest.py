@@ -22,10 +22,11 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A real local Ray for the session. Four logical CPUs on two cores: a run of two
-    workers plus its driver must fit, and TensorFlow's thread counts are set per worker."""
+    """A real local Ray for each test module (whatever a module leaves reserved dies with it).
+    Four logical CPUs on two cores: a run of two workers plus its driver must fit, and
+    TensorFlow's thread counts are set per worker."""
     import ray
 
     if not ray.is_initialized():
