@@ -294,10 +294,8 @@ def command_search(args) -> None:
 
 
 def _write_report(output: str) -> None:
-    try:
-        from dogbreeds.report import write_report
-    except ImportError:  # the report stage has not landed yet
-        return
+    from dogbreeds.report import write_report
+
     write_report(output)
 
 
