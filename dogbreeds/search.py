@@ -139,8 +139,11 @@ def split_values(model: str, values: dict) -> tuple[dict, dict]:
 # The Tune side, common to both searches.
 
 
-def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resume: bool, seed: int):
-    """Run (or with `resume`, continue) a Ray Tune search; returns its ResultGrid."""
+def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resume: bool, seed: int,
+              callbacks: list | None = None):
+    """Run (or with `resume`, continue) a Ray Tune search; returns its ResultGrid.
+
+    `callbacks` are Tune callbacks (a restored search keeps the ones it started with)."""
     import ray
     from ray import tune
 
@@ -188,6 +191,7 @@ def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resum
             name=name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=search.max_trial_failures),
+            callbacks=callbacks,
         ),
     )
     return tuner.fit()
@@ -251,6 +255,62 @@ def _cnn3v2_trial(config, *, hp, data_config, train_config, trials_dir):
                  resume=True, evaluate_test=False)
 
 
+def _release_stopped_runs(trials_dir: str):
+    """A Tune callback that frees the Ray Train placement group of a trial stopped mid-run.
+
+    Tune ends a stopped trial's actor, and the Ray Train controller that actor owns dies with
+    it before it can remove its workers' placement group; a group made by an actor (not by a
+    driver) then lasts as long as the driver (ray-project/ray#54305). Ray Train's own cleaner
+    asks the dashboard's State API whether the controller lives, which a Ray without a
+    dashboard, or a machine running several Rays, does not answer. So the search removes the
+    group of each finished trial once its workers are gone: its controller is dead by then
+    and cannot restart them in a new group (removing a group with live workers could).
+    """
+    import time
+
+    import ray
+    from ray import tune
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    def workers_gone(group_id: str) -> bool:  # nothing holds the group's `*_group_<id>` resources
+        total, available = ray.cluster_resources(), ray.available_resources()
+        suffix = f"_group_{group_id}"
+        return all(available.get(key) == value for key, value in total.items() if key.endswith(suffix))
+
+    class ReleaseStoppedRuns(tune.Callback):
+        def __init__(self):
+            self.groups = set()  # placement groups of finished trials, not yet removed
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            path = os.path.join(trials_dir, trial.trial_id, "ray", "placement_group.json")
+            if os.path.exists(path):  # written by the run's rank 0 (train.py)
+                with open(path) as handle:
+                    self.groups.add(json.load(handle)["id"])
+
+        on_trial_error = on_trial_complete
+
+        def release(self):
+            for group_id in list(self.groups):
+                group = PlacementGroup(ray.PlacementGroupID.from_hex(group_id))
+                state = ray.util.placement_group_table(group).get("state", "REMOVED")
+                if state == "CREATED" and workers_gone(group_id):
+                    remove_placement_group(group)
+                    state = "REMOVED"
+                if state == "REMOVED":
+                    self.groups.discard(group_id)
+
+        def on_step_end(self, iteration, trials, **info):
+            self.release()
+
+        def on_experiment_end(self, trials, **info):
+            deadline = time.time() + 60  # the last trial's workers may take a moment to go
+            while self.groups and time.time() < deadline:
+                self.release()
+                time.sleep(0.5)
+
+    return ReleaseStoppedRuns()
+
+
 def search_cnn3v2(
     data_config: DataConfig, train_config: TrainConfig, search: SearchConfig, output: str,
     resume: bool = False,
@@ -265,15 +325,17 @@ def search_cnn3v2(
     output = os.path.abspath(output)
     os.makedirs(output, exist_ok=True)
     data_config, train_config = absolute_paths(data_config, dataclasses.replace(train_config, model=spec["model"]))
+    trials_dir = os.path.join(output, "trials")
     trainable = tune.with_parameters(
         _cnn3v2_trial, hp=hp, data_config=data_config, train_config=train_config,
-        trials_dir=os.path.join(output, "trials"),
+        trials_dir=trials_dir,
     )
     # The trial's driver only waits for its Ray Train workers, which hold the resources; a
     # whole CPU for it would leave a 2-worker trial waiting forever on a 2-CPU machine (Tune
     # refuses an empty request, hence a sliver).
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    results = run_tuner(trainable, hp, search, output, "search", resume, data_config.seed)
+    results = run_tuner(trainable, hp, search, output, "search", resume, data_config.seed,
+                        callbacks=[_release_stopped_runs(trials_dir)])
     best = write_results(results, hp, output, "cnn3v2")
     if search.retrain_best:
         model_hparams, overrides = split_values(train_config.model, best["hparams"])

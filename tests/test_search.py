@@ -89,8 +89,7 @@ def test_cnn3v2_search_of_two_trials(ray_cluster, cache_dir, tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
         time.sleep(1)
-    if ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
-        pytest.xfail("known: one placement group of a stopped trial's Ray Train run outlives the search")
+    assert ray_cluster.available_resources().get("CPU", 0) == ray_cluster.cluster_resources()["CPU"]
     assert json.loads((tmp_path / "final" / "config.json").read_text())["data"]["subset_per_class"] is None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
