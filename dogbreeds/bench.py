@@ -231,6 +231,37 @@ async def _serve_load(url: str, photos: list[bytes], concurrency: int, duration_
     }
 
 
+def _serve_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far by this machine's Serve processes, by process: (role, seconds),
+    to show where a request's cost goes (this process is the load's clients)."""
+    import psutil
+
+    roles = {"ray::ProxyActor": "http_proxy", "bin/haproxy": "http_proxy",
+             f":{SERVE_BENCH_APP}:Ingress": "ingress", f":{SERVE_BENCH_APP}:Classifier": "classifier"}
+    seconds = {}
+    for process in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        command, times = " ".join(process.info["cmdline"] or []), process.info["cpu_times"]
+        role = "clients" if process.info["pid"] == os.getpid() else next(
+            (role for key, role in roles.items() if key in command), None)
+        if role and times is not None:
+            seconds[process.info["pid"]] = (role, times.user + times.system)
+    return seconds
+
+
+def _measure_load(url: str, photos: list[bytes], concurrency: int, duration_s: float) -> dict:
+    """`_serve_load`, plus the CPU milliseconds per request each role spent meanwhile."""
+    import asyncio
+
+    before = _serve_cpu_seconds()
+    measured = asyncio.run(_serve_load(url, photos, concurrency, duration_s))
+    spent = dict.fromkeys(["http_proxy", "ingress", "classifier", "clients"], 0.0)
+    for pid, (role, seconds) in _serve_cpu_seconds().items():
+        spent[role] += seconds - before.get(pid, (role, 0.0))[1]
+    requests = max(measured["requests"], 1)
+    measured["cpu_ms_per_request"] = {role: round(1000 * value / requests, 2) for role, value in spent.items()}
+    return measured
+
+
 def _bare_images_per_s(step, batch_size: int, duration_s: float) -> float:
     step()  # warm-up
     count, started = 0, time.perf_counter()
@@ -249,11 +280,13 @@ def bench_serve(
     batch_wait_ms: float = 10.0,
     num_replicas: int = 1,
     port: int = 8000,
+    haproxy: bool = False,
 ) -> dict:
     """Requests/s and p50/p99 latency of `POST /predict` at each concurrency, batched and
     unbatched (the same replicas), against a bare `model.predict` at the same batch size.
 
-    Runs on the Ray and Serve of this process if there are, else starts them locally."""
+    Runs on the Ray and Serve of this process if there are, else starts them locally (in
+    Serve's HAProxy mode with `haproxy`)."""
     import asyncio
 
     from ray import serve
@@ -268,7 +301,7 @@ def bench_serve(
     for path in paths:
         with open(path, "rb") as handle:
             photos.append(handle.read())
-    start_serve("127.0.0.1", port)
+    start_serve("127.0.0.1", port, haproxy=haproxy)
     url = f"http://127.0.0.1:{port}/bench/predict"
     result = {
         "benchmark": "serve",
@@ -276,6 +309,7 @@ def bench_serve(
         "photos": len(photos),
         "cpu_count": os.cpu_count(),
         "num_replicas": num_replicas,
+        "haproxy": haproxy,
         "max_batch_size": max_batch_size,
         "batch_wait_ms": batch_wait_ms,
         "duration_s": duration_s,
@@ -287,7 +321,7 @@ def bench_serve(
         try:
             asyncio.run(_serve_load(url, photos, max(concurrencies), min(duration_s, 2.0)))  # warm-up
             result[mode] = {
-                str(concurrency): asyncio.run(_serve_load(url, photos, concurrency, duration_s))
+                str(concurrency): _measure_load(url, photos, concurrency, duration_s)
                 for concurrency in concurrencies
             }
         finally:

@@ -80,6 +80,9 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="classifier replicas (default: 1)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="photos per model call (default: 32)")
     parser.add_argument("--batch-wait-ms", type=float, default=10, help="wait to fill a batch (default: 10)")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="start Ray in Serve's HAProxy mode: faster, but it opens HAProxy's stats "
+                        "and metrics ports (8404, 9101) on every interface")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,7 +341,7 @@ def command_serve(args) -> None:
         tensorflow_threads=args.tensorflow_threads, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         confidence_threshold=args.confidence_threshold, examples_dir=args.examples,
     )
-    serve.run_server(serve_args, args.host, args.port, args.address)
+    serve.run_server(serve_args, args.host, args.port, args.address, args.haproxy)
 
 
 def command_bench_serve(args) -> None:
@@ -348,7 +351,7 @@ def command_bench_serve(args) -> None:
                            batch_wait_ms=args.batch_wait_ms)  # bad options fail before Ray starts
     result = bench.bench_serve(
         args.bundle, args.data_dir, tuple(args.concurrency), args.duration, args.max_batch_size,
-        args.batch_wait_ms, args.replicas, args.port,
+        args.batch_wait_ms, args.replicas, args.port, args.haproxy,
     )
     print(json.dumps(result, indent=1))
     with open(args.output, "w") as handle:

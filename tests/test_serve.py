@@ -97,7 +97,7 @@ def test_inspect_image_reads_headers_and_refuses_what_it_cannot_read():
         serving.inspect_image(photo, 1000)
 
 
-def test_serve_arguments_are_checked():
+def test_serve_arguments_are_checked(tmp_path, capsys):
     with pytest.raises(ValueError, match="max_batch_size"):
         serving.parse_serve_args(bundle="x", max_batch_size=0)
     with pytest.raises(ValueError, match="Extra inputs"):
@@ -105,6 +105,10 @@ def test_serve_arguments_are_checked():
     with pytest.raises(ValueError, match="not a dogbreeds bundle"):
         serving.build_app(serving.ServeArgs(bundle=str(SAMPLE_DIR)))
     assert cli.main(["serve", "/no/such/bundle"]) == 1
+    (tmp_path / "bundle.json").write_text("{}")
+    # HAProxy mode is how Ray starts: a running cluster cannot be switched to it from here.
+    assert cli.main(["serve", str(tmp_path), "--haproxy", "--address", "auto"]) == 1
+    assert "HAProxy mode is set when Ray starts" in capsys.readouterr().err
 
 
 def test_examples_are_one_photo_per_folder_first():
@@ -394,11 +398,21 @@ def _run_readme_curl(port: int) -> dict:
     return json.loads(result.stdout)
 
 
+def _listener(port: int) -> str:
+    """The name of the process listening on 127.0.0.1:port."""
+    import psutil
+
+    (pid,) = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    return psutil.Process(pid).name()
+
+
 @pytest.mark.slow
-def test_dogbreeds_serve_command_prints_its_url_and_answers_the_readme_curl(bundle_dir, tmp_path):
+@pytest.mark.parametrize("haproxy", [False, True], ids=["serve-proxy", "haproxy"])
+def test_dogbreeds_serve_command_prints_its_url_and_answers_the_readme_curl(bundle_dir, tmp_path, haproxy):
     command = _readme_command(".venv/bin/dogbreeds serve ").removeprefix(".venv/bin/dogbreeds ")
     port = _free_port()
     argv = [arg.replace("runs/bundle", bundle_dir) for arg in shlex.split(command)] + ["--port", str(port)]
+    argv += ["--haproxy"] if haproxy else []
     log = tmp_path / "serve.log"
     with open(log, "w") as output:
         process = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", *argv], cwd=ROOT,
@@ -412,6 +426,13 @@ def test_dogbreeds_serve_command_prints_its_url_and_answers_the_readme_curl(bund
         assert line.group(1) == f"http://127.0.0.1:{port}"  # 127.0.0.1 unless told otherwise
         answer = _run_readme_curl(port)
         assert len(answer["predictions"]) == 3 and answer["predictions"][0]["breed"]
+        assert (_listener(port) == "haproxy") == haproxy
+        # The Gradio UI's own API (its event queue, streamed) answers through either proxy.
+        import gradio_client
+
+        ui = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        verdict, bars = ui.predict(gradio_client.handle_file(str(PHOTO)), api_name="/classify_photo")
+        assert verdict.startswith("###") and len(bars["confidences"]) == 5
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -502,6 +523,7 @@ def test_bench_serve_prints_and_writes_json(server, bundle_dir, tmp_path, capsys
             measured = result[mode][concurrency]
             assert measured["requests"] > 0 and measured["errors"] == 0
             assert 0 < measured["p50_ms"] <= measured["p99_ms"]
+            assert all(measured["cpu_ms_per_request"][role] > 0 for role in ("ingress", "classifier", "clients"))
     assert result["bare_model_predict_images_per_s"] > 0 and result["bare_forward_images_per_s"] > 0
     assert result["serve_at_4_over_bare_model_predict"] > 0 and result["batched_over_unbatched_at_4"] > 0
     assert '"benchmark": "serve"' in capsys.readouterr().out
