@@ -19,8 +19,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
-
 from dogbreeds import data, evaluate, models
 from dogbreeds.config import DataConfig, TrainConfig, from_dict, to_dict
 

@@ -1,6 +1,5 @@
-"""Shared fixtures: the real stand-in data in ../shared and one local Ray for the session."""
+"""Shared fixtures: the real stand-in data in ../shared and a local Ray per test module."""
 
-import os
 import pathlib
 
 import pytest

@@ -1,442 +1,25 @@
-"""The report: every run directory renders to one self-contained `report.html`.
-
-    write_report("runs/cnn3v2")  # -> runs/cnn3v2/report.html, as `dogbreeds report runs/cnn3v2`
-
-The report shows what the directory holds and leaves out what it does not:
-- a training run (`dogbreeds train`, and a search's `final/`): the headline test metrics,
-  learning curves, accuracy per breed, the most confused breed pairs with example photos of
-  both breeds, and the model's predictions on a few test photos;
-- a search (`dogbreeds search`: `results.csv`, `best.json`, `trials/<id>/history.json`,
-  `final/`): every trial's learning curve, validation accuracy against each hyperparameter,
-  the trials table, the chosen hyperparameters, then `final/` as a training run;
-- a pipeline: its searches (sub-folders that are searches) and the exported model
-  (`bundle/bundle.json`).
-
-Plots are matplotlib figures drawn by Agg and saved as PNG, photos are small JPEG thumbnails,
-and both are embedded as base64: the file needs no network and no other file.
-"""
+"""The report's page: a header of facts, one link per group of sections, and the sections."""
 
 from __future__ import annotations
 
-import base64
-import csv
 import dataclasses
 import datetime
-import functools
-import io
-import json
 import os
 import re
 from html import escape
 
-# Charts list every breed up to twice this many; beyond, the worst and the best this many
-# (120 bars in one chart are a wall, not a picture).
-BREEDS_PER_END = 20
+from dogbreeds.report.photos import PHOTOS_PER_BREED, breed_photos, predict_samples, thumbnail
+from dogbreeds.report.plots import (
+    Plot, format_value, plot_breed_accuracy, plot_hyperparameter, plot_training_curves, plot_trial_curves,
+)
+from dogbreeds.report.run import Run, SearchRun, TrainingRun, read_run
+
 # Confused pairs shown, most frequent first; the long tail is in confusions.csv.
 CONFUSED_PAIRS_SHOWN = 8
-# Example photos of each breed beside a confused pair.
-PHOTOS_PER_BREED = 3
-# Thumbnails are square crops of this many pixels: sharp enough to recognise a breed, small
-# enough that a report with dozens of them stays a few hundred kilobytes.
-THUMBNAIL_SIZE = 96
 # Sample predictions show the photo larger: the photo is the point there.
 PREDICTION_PHOTO_SIZE = 192
-# Sample predictions: this many random test photos are predicted (cheap even for Xception)...
-SAMPLE_POOL = 48
-# ...and up to this many shown, half right and half wrong, so both kinds are seen.
-SAMPLES_SHOWN = 10
-# Figure resolution: sharp on high-density screens without bloating the file.
-DPI = 150
 # Header facts whose values are long (paths, version lists): two columns wide.
 WIDE_FACTS = ("data", "versions", "exported model")
-# One colour per role in every plot and in the page's CSS.
-COLORS = {"train": "#2563eb", "validation": "#e4572e", "best": "#e4572e", "other": "#9aa5b1"}
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Reading a run directory: every file is optional, and what is missing is None.
-
-
-@dataclasses.dataclass
-class TrainingRun:
-    """The files of a training run (layout of `dogbreeds train`); a missing file is None."""
-
-    directory: str
-    config: dict | None
-    metrics: dict | None
-    history: list[dict] | None
-    confusions: list[dict] | None
-
-
-@dataclasses.dataclass
-class SearchRun:
-    """The files of a search: its trials, the best one, and the best retrained (`final`)."""
-
-    directory: str
-    results: list[dict]  # rows of results.csv, numbers parsed
-    best: dict | None
-    trial_histories: dict[str, list[dict]]
-    trial_config: dict | None  # one trial's config.json, for the data and versions
-    final: TrainingRun | None
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything in a run directory that a report can show."""
-
-    directory: str
-    training: TrainingRun | None
-    search: SearchRun | None
-    searches: dict[str, SearchRun]  # a pipeline's searches, by folder name
-    bundle: dict | None
-    pipeline: dict | None  # pipeline.json: which search's final model was exported, and why
-    modified: float  # when the newest file read was written
-
-
-def read_run(run_dir: str) -> Run:
-    """Read whatever `run_dir` holds of a training run, a search or a pipeline."""
-    if not os.path.isdir(run_dir):
-        raise ValueError(f"run directory not found: {run_dir}")
-    searches = {}
-    for name in sorted(os.listdir(run_dir)):
-        path = os.path.join(run_dir, name)
-        if name not in ("trials", "final") and os.path.isdir(path):
-            search = _read_search(path)
-            if search:
-                searches[name] = search
-    bundle = _read_json(os.path.join(run_dir, "bundle", "bundle.json"))
-    bundle = bundle or _read_json(os.path.join(run_dir, "bundle.json"))
-    pipeline = _read_json(os.path.join(run_dir, "pipeline.json"))
-    run = Run(run_dir, _read_training(run_dir), _read_search(run_dir), searches, bundle, pipeline, 0.0)
-    if not (run.training or run.search or run.searches or run.bundle):
-        raise ValueError(
-            f"nothing to report in {run_dir}: expected a training run (metrics.json, "
-            "history.json, confusions.csv, config.json), a search (results.csv, best.json, "
-            "trials/) or a pipeline (search folders, bundle/bundle.json)"
-        )
-    names = ("metrics.json", "history.json", "results.csv", "best.json", "pipeline.json",
-             "bundle/bundle.json")
-    times = [os.path.getmtime(os.path.join(run_dir, n)) for n in names
-             if os.path.exists(os.path.join(run_dir, n))]
-    run.modified = max(times or [os.path.getmtime(run_dir)])
-    return run
-
-
-def _read_training(directory: str) -> TrainingRun | None:
-    run = TrainingRun(
-        directory,
-        _read_json(os.path.join(directory, "config.json")),
-        _read_json(os.path.join(directory, "metrics.json")),
-        _read_json(os.path.join(directory, "history.json")),
-        _read_csv(os.path.join(directory, "confusions.csv"), keep_text=("true_breed", "predicted_breed")),
-    )
-    return run if (run.config or run.metrics or run.history or run.confusions) else None
-
-
-def _read_search(directory: str) -> SearchRun | None:
-    results = _read_csv(os.path.join(directory, "results.csv"), keep_text=("trial_id", "status"))
-    best = _read_json(os.path.join(directory, "best.json"))
-    trials_dir = os.path.join(directory, "trials")
-    histories, trial_config = {}, None
-    if os.path.isdir(trials_dir):
-        for trial_id in sorted(os.listdir(trials_dir)):
-            history = _read_json(os.path.join(trials_dir, trial_id, "history.json"))
-            if history:
-                histories[trial_id] = history
-            trial_config = trial_config or _read_json(os.path.join(trials_dir, trial_id, "config.json"))
-    if results is None and best is None and not histories:
-        return None
-    final = _read_training(os.path.join(directory, "final"))
-    return SearchRun(directory, results or [], best, histories, trial_config, final)
-
-
-def _read_json(path: str):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-
-
-def _read_csv(path: str, keep_text: tuple[str, ...]) -> list[dict] | None:
-    """Rows of a CSV file with numbers, booleans and empty cells (None) parsed, except in
-    the `keep_text` columns (a trial id like 00001 is a name, not a number)."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, newline="") as handle:
-        return [
-            {key: value if key in keep_text else _parse_cell(value) for key, value in row.items()}
-            for row in csv.DictReader(handle)
-        ]
-
-
-def _parse_cell(text: str | None):
-    if text is None or text == "":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Plots: matplotlib figures (Agg, no pyplot state) embedded as base64 PNG.
-
-
-def _new_figure(width: float, height: float, columns: int = 1):
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    axes = figure.subplots(1, columns, squeeze=False)[0]
-    for ax in axes:
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-        ax.grid(True, color="#e4e7eb", linewidth=0.8)
-        ax.set_axisbelow(True)
-        ax.tick_params(labelsize=8, color="#9aa5b1")
-    return figure, axes
-
-
-@dataclasses.dataclass(frozen=True)
-class Plot:
-    """A figure as a PNG data URI, and its width on the page (its size in inches at the
-    browser's 96 px per inch, so every plot's text comes out the same size)."""
-
-    data_uri: str
-    width: int
-
-
-def _to_plot(figure) -> Plot:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, facecolor="white")
-    data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-    return Plot(data_uri, round(figure.get_figwidth() * 96))
-
-
-def _percent_axis(axis) -> None:
-    """Fractions as percentages, with a decimal only when the axis spans less than 10%."""
-    from matplotlib.ticker import PercentFormatter
-
-    low, high = axis.get_view_interval()
-    axis.set_major_formatter(PercentFormatter(1.0, decimals=0 if abs(high - low) >= 0.1 else 1))
-
-
-def plot_training_curves(history: list[dict]) -> Plot:
-    """Accuracy and loss per epoch, on train and validation."""
-    from matplotlib.ticker import MaxNLocator
-
-    figure, axes = _new_figure(9, 3, columns=2)
-    epochs = [row["epoch"] for row in history]
-    for ax, metric, title in ((axes[0], "accuracy", "accuracy"), (axes[1], "loss", "loss")):
-        for prefix, split in (("", "train"), ("val_", "validation")):
-            values = [row.get(prefix + metric) for row in history]
-            if any(v is not None for v in values):
-                ax.plot(epochs, values, marker="o", markersize=3, linewidth=2,
-                        color=COLORS[split], label=split)
-        ax.set_title(title, fontsize=10, loc="left")
-        ax.set_xlabel("epoch", fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8, frameon=False)
-    _percent_axis(axes[0].yaxis)
-    return _to_plot(figure)
-
-
-def plot_trial_curves(histories: dict[str, list[dict]], best_trial_id: str | None) -> Plot:
-    """Validation accuracy per epoch, one line per trial, the best one highlighted."""
-    from matplotlib.ticker import MaxNLocator
-
-    figure, (ax,) = _new_figure(9, 3.4)
-    others_labelled = False
-    for trial_id, history in histories.items():
-        if trial_id == best_trial_id:
-            continue
-        rows = [row for row in history if row.get("val_accuracy") is not None]
-        ax.plot([row["epoch"] for row in rows], [row["val_accuracy"] for row in rows],
-                color=COLORS["other"], linewidth=1.2, alpha=0.8, marker="o", markersize=2.5,
-                label=None if others_labelled else "other trials")
-        others_labelled = True
-    if best_trial_id in histories:
-        rows = [row for row in histories[best_trial_id] if row.get("val_accuracy") is not None]
-        ax.plot([row["epoch"] for row in rows], [row["val_accuracy"] for row in rows],
-                color=COLORS["best"], linewidth=2.8, marker="o", markersize=4,
-                label=f"best: {best_trial_id}", zorder=3)
-    ax.set_xlabel("epoch", fontsize=9)
-    ax.set_ylabel("validation accuracy", fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _percent_axis(ax.yaxis)
-    ax.legend(fontsize=8, frameon=False)
-    return _to_plot(figure)
-
-
-def plot_hyperparameter(
-    name: str, values: list, accuracies: list[float], best_position: int | None
-) -> Plot:
-    """Validation accuracy against one hyperparameter: a scatter for continuous numbers (log
-    scale when they span a decade or more), a strip with jitter for choices (booleans, names,
-    a few integers like filter counts); the best trial a star."""
-    import numpy as np
-    from matplotlib.ticker import MaxNLocator
-
-    figure, (ax,) = _new_figure(3.4, 2.5)
-    present = [v for v in values if v is not None]
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
-    few_integers = all(isinstance(v, int) for v in present) and len(set(present)) <= 6
-    if numbers and not few_integers:
-        x = [np.nan if v is None else v for v in values]  # an inactive value is not drawn
-        if present and min(present) > 0 and max(present) >= 10 * min(present):
-            ax.set_xscale("log")
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(4))
-    else:
-        order = sorted(set(present), key=lambda v: (not numbers, str(v) if not numbers else v))
-        categories = [_format(v) for v in order] + (["inactive"] if None in values else [])
-        labels = ["inactive" if v is None else _format(v) for v in values]
-        jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(labels))
-        x = [categories.index(label) + offset for label, offset in zip(labels, jitter)]
-        ax.set_xticks(range(len(categories)), categories)
-        ax.set_xlim(-0.6, len(categories) - 0.4)
-    ax.scatter(x, accuracies, s=28, color=COLORS["train"], alpha=0.75, edgecolors="white",
-               linewidths=0.5)
-    if best_position is not None:
-        ax.scatter([x[best_position]], [accuracies[best_position]], s=160, marker="*",
-                   color=COLORS["best"], edgecolors="white", linewidths=0.8, zorder=3)
-    ax.margins(0.12, 0.15)  # room for the star at the edges
-    ax.set_title(name, fontsize=10, loc="left")
-    _percent_axis(ax.yaxis)
-    return _to_plot(figure)
-
-
-def plot_breed_accuracy(per_breed_accuracy: dict[str, float], overall: float | None) -> Plot:
-    """Accuracy per breed as horizontal bars, best at the top; with many breeds, the worst
-    and the best `BREEDS_PER_END` side by side."""
-    from matplotlib.colors import LinearSegmentedColormap
-
-    # Worst first; ties read alphabetically from the top of the chart down.
-    by_name = sorted(per_breed_accuracy.items(), key=lambda item: item[0].lower(), reverse=True)
-    ranked = sorted(by_name, key=lambda item: item[1])
-    if len(ranked) <= 2 * BREEDS_PER_END:
-        panels = [(f"all {len(ranked)} breeds", ranked)]
-    else:
-        panels = [(f"worst {BREEDS_PER_END} of {len(ranked)}", ranked[:BREEDS_PER_END]),
-                  (f"best {BREEDS_PER_END} of {len(ranked)}", ranked[-BREEDS_PER_END:])]
-    bars = max(len(items) for _, items in panels)
-    figure, axes = _new_figure(4.6 * len(panels), 0.8 + 0.24 * bars, columns=len(panels))
-    colormap = LinearSegmentedColormap.from_list("accuracy", ["#d1495b", "#f4a259", "#2a9d8f"])
-    for ax, (title, items) in zip(axes, panels):
-        names = [name for name, _ in items]
-        accuracies = [accuracy for _, accuracy in items]
-        ax.barh(names, accuracies, height=0.72, color=[colormap(a) for a in accuracies])
-        for position, accuracy in enumerate(accuracies):
-            ax.text(accuracy + 0.01, position, f"{accuracy:.0%}", va="center", fontsize=7,
-                    color="#52606d")
-        if overall is not None:
-            ax.axvline(overall, color="#1f2933", linestyle="--", linewidth=1,
-                       label=f"overall {overall:.1%}")
-            ax.legend(fontsize=7, frameon=False, loc="lower right")
-        ax.set_xlim(0, 1.12)
-        ax.set_ylim(-0.6, len(items) - 0.4)
-        ax.grid(axis="y", visible=False)
-        ax.tick_params(axis="y", labelsize=8, length=0)
-        ax.set_title(title, fontsize=10, loc="left")
-        _percent_axis(ax.xaxis)
-    return _to_plot(figure)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Photos: thumbnails of each breed, and the model's predictions on a few test photos.
-
-
-@functools.lru_cache(maxsize=1024)
-def _thumbnail(path: str, size: int = THUMBNAIL_SIZE) -> str | None:
-    """A square JPEG thumbnail as a data URI; None for a file that is not a readable image."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            image = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
-    except (OSError, ValueError):
-        return None
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _breed_photos(data_dir: str) -> dict[str, list[str]]:
-    """Readable breed name -> the first few photos of its folder (`Images/<synset>-<breed>/`)."""
-    from dogbreeds.data import IMAGE_EXTENSIONS, breed_name
-
-    images_dir = os.path.join(data_dir, "Images")
-    if not os.path.isdir(images_dir):
-        images_dir = data_dir  # the data module accepts the breed folders directly, too
-    photos = {}
-    for folder in sorted(os.listdir(images_dir)):
-        folder_path = os.path.join(images_dir, folder)
-        if os.path.isdir(folder_path):
-            names = sorted(n for n in os.listdir(folder_path) if n.lower().endswith(IMAGE_EXTENSIONS))
-            # A few spare photos, in case some do not open.
-            names = names[: 2 * PHOTOS_PER_BREED]
-            photos[breed_name(folder)] = [os.path.join(folder_path, n) for n in names]
-    return photos
-
-
-def predict_samples(training: TrainingRun) -> tuple[list[dict], int]:
-    """Predict `SAMPLE_POOL` random test photos with the run's model; return up to
-    `SAMPLES_SHOWN` of them (half right, half wrong when there are enough of each), each
-    {path, true_breed, correct, top: [(breed, probability)] * 3}, and the number predicted."""
-    import numpy as np
-    import tensorflow as tf
-    import tf_keras as keras
-
-    from dogbreeds import data
-    from dogbreeds.config import DataConfig, from_dict
-
-    data_config = from_dict(DataConfig, training.config["data"])
-    index = data.load_index(data_config)
-    if index.class_names != training.metrics["class_names"]:
-        raise ValueError(f"the breeds in {data_config.data_dir} are no longer the run's")
-    test = index.splits["test"]
-    rng = np.random.default_rng(data_config.seed)
-    images, kept = [], []
-    for position in rng.permutation(len(test))[:SAMPLE_POOL]:
-        try:
-            with open(test.keys[position], "rb") as handle:
-                images.append(data.decode_and_resize(handle.read(), training.metrics["image_size"]))
-            kept.append(position)
-        except (OSError, tf.errors.OpError):
-            continue  # a photo that does not decode is skipped, as in training
-    if not images:
-        return [], 0
-    model = keras.models.load_model(os.path.join(training.directory, "model.keras"), compile=False)
-    probabilities = model.predict(np.stack(images).astype(np.float32), verbose=0)
-    names = training.metrics["class_names"]
-    samples = []
-    for position, row in zip(kept, probabilities):
-        top = np.argsort(-row)[:3]
-        samples.append({
-            "path": test.keys[position],
-            "true_breed": names[test.labels[position]],
-            "correct": int(top[0]) == int(test.labels[position]),
-            "top": [(names[k], float(row[k])) for k in top],
-        })
-    right = [s for s in samples if s["correct"]]
-    wrong = [s for s in samples if not s["correct"]]
-    show_wrong = min(len(wrong), max(SAMPLES_SHOWN // 2, SAMPLES_SHOWN - len(right)))
-    show_right = min(len(right), SAMPLES_SHOWN - show_wrong)
-    return right[:show_right] + wrong[:show_wrong], len(samples)
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. The page: a header of facts, one link per group of sections, and the sections.
 
 
 @dataclasses.dataclass
@@ -606,7 +189,7 @@ def _confusions_html(confusions: list[dict], data_dir: str | None, split: str) -
                  f"breed on the right, most frequent first ({len(confusions)} pairs in confusions.csv).")
     photos = {}
     if data_dir and os.path.isdir(data_dir):
-        photos = _breed_photos(data_dir)
+        photos = breed_photos(data_dir)
     elif data_dir:
         body += _note(f"Photos are not shown: the data folder {data_dir} is not on this machine.")
     for pair in confusions[:CONFUSED_PAIRS_SHOWN]:
@@ -623,7 +206,7 @@ def _confusions_html(confusions: list[dict], data_dir: str | None, split: str) -
 
 
 def _breed_html(breed: str, photos: dict[str, list[str]], role: str) -> str:
-    thumbnails = [t for t in map(_thumbnail, photos.get(breed, [])) if t][:PHOTOS_PER_BREED]
+    thumbnails = [t for t in map(thumbnail, photos.get(breed, [])) if t][:PHOTOS_PER_BREED]
     images = "".join(f'<img src="{t}" alt="{escape(breed)}">' for t in thumbnails)
     return (f'<div class="breed {role}"><div class="name">{escape(breed)}</div>'
             f'<div class="thumbs">{images}</div></div>')
@@ -647,7 +230,7 @@ def _predictions_html(training: TrainingRun, data_dir: str | None) -> str:
             f'<div class="bar" style="width:{probability * 100:.1f}%"></div></li>'
             for name, probability in sample["top"]
         )
-        photo = _thumbnail(sample["path"], PREDICTION_PHOTO_SIZE) or ""
+        photo = thumbnail(sample["path"], PREDICTION_PHOTO_SIZE) or ""
         cards.append(
             f'<figure class="prediction {"right" if sample["correct"] else "wrong"}">'
             f'<img src="{photo}" alt="{escape(sample["true_breed"])}"><figcaption>'
@@ -754,10 +337,10 @@ def _trials_table(results: list[dict], hp_columns: list[str], best_id: str | Non
         )
         seconds = row.get("seconds")
         cells = [
-            escape(str(row.get("trial_id"))), escape(_format(row.get("status"))),
-            meter + _percent(accuracy), _format(row.get("val_loss")), _format(row.get("epochs")),
+            escape(str(row.get("trial_id"))), escape(format_value(row.get("status"))),
+            meter + _percent(accuracy), format_value(row.get("val_loss")), format_value(row.get("epochs")),
             "—" if seconds is None else _duration(seconds),
-            *(escape(_format(row.get(column))) for column in hp_columns),
+            *(escape(format_value(row.get(column))) for column in hp_columns),
         ]
         rows.append((cells, str(row.get("trial_id")) == best_id))
     head = ["trial", "status", "val accuracy", "val loss", "epochs", "time"]
@@ -837,7 +420,7 @@ def _table(
 
 def _chips(values: dict) -> str:
     return '<div class="chips">' + "".join(
-        f"<span>{escape(str(key))} <b>{escape(_format(value))}</b></span>"
+        f"<span>{escape(str(key))} <b>{escape(format_value(value))}</b></span>"
         for key, value in values.items() if value is not None
     ) + "</div>"
 
@@ -864,16 +447,6 @@ def _title(prefix: str, title: str) -> str:
 
 def _percent(value) -> str:
     return "—" if value is None else f"{value * 100:.1f}%"
-
-
-def _format(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _duration(seconds: float) -> str:
