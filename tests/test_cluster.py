@@ -331,6 +331,51 @@ def test_a_search_job_spreads_its_trials_over_both_nodes(cluster, shared_dirs, t
     assert None not in used and used == set(cluster.node_ids), f"trials ran on {used}, nodes {cluster.node_ids}"
 
 
+def _result_lines(output):
+    """Trial id -> how many epochs it has reported, from Tune's own result files."""
+    counts = {}
+    for path in glob.glob(os.path.join(output, "tune", "search", "*", "result.json")):
+        with open(path) as handle:
+            for line in filter(str.strip, handle):
+                trial = json.loads(line)["trial_id"]
+                counts[trial] = counts.get(trial, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+def test_a_killed_search_driver_resumes_without_redoing_finished_trials(cluster, shared_dirs, tmp_path):
+    output = str(tmp_path / "search")
+    slow_trials = ["--scheduler", "none", "--batch-size", "1"]
+    command = _search_command(output, shared_dirs, trials=4, epochs=6, extra=slow_trials)
+    job = _submit(cluster, command)
+    try:
+        # Once a trial has finished and another still runs, SIGKILL the job's driver.
+        deadline, finished = time.time() + 420, set()
+        while time.time() < deadline and job.poll() is None:
+            time.sleep(2)
+            trials = _tune_trials(output)
+            finished = {trial for trial, (status, _) in trials.items() if status == "TERMINATED"}
+            if finished and len(finished) < 4:
+                break
+        assert finished and len(finished) < 4, f"no moment with some trials finished: {_tune_trials(output)}"
+        (driver,) = [j["driver_info"]["pid"] for j in cluster.state("jobs") if j["status"] == "RUNNING"]
+        os.kill(int(driver), signal.SIGKILL)
+        returncode, _ = _finish(job, timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert returncode != 0  # the job failed with its driver
+    reported = _result_lines(output)
+    returncode, log = _finish(_submit(cluster, command + ["--resume"]), timeout=420)
+    assert returncode == 0 and "succeeded" in log, log[-3000:]
+    _assert_every_trial_done_once(output, 4)
+    assert finished <= {row["trial_id"] for row in _rows(output)}  # the same search, continued
+    after = _result_lines(output)
+    assert all(after[trial] == reported[trial] for trial in finished), (reported, after)  # not run again
+    assert all(row["epochs"] == "6" for row in _rows(output))
+
+
 @pytest.mark.slow
 def test_a_search_finishes_every_trial_when_the_worker_node_dies(cluster, shared_dirs, tmp_path):
     worker = next(node for node, is_head in cluster.node_ids.items() if not is_head)
