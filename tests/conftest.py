@@ -1,6 +1,7 @@
 """Shared fixtures: the real stand-in data in ../shared and a local Ray per test module."""
 
 import pathlib
+import socket
 
 import pytest
 
@@ -13,6 +14,13 @@ TINY_DIR = SHARED / "data" / "tiny_dogs_64"
 NOT_DOGS_DIR = SHARED / "data" / "not_dogs"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots and reports kept after a run
+
+
+def free_port() -> int:
+    """A port nothing listens on now (other Ray clusters and servers run on this machine too)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ on different nodes. Node IPs are equal on one machine: a trial's node is found f
 process id (Tune's result.json) and Ray's actor table (`ray list actors`).
 """
 
+import collections
 import copy
 import csv
 import glob
@@ -25,7 +26,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR
+from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR, free_port
 
 RAY = str(ROOT / ".venv" / "bin" / "ray")
 ENTRY_POINTS = {"pipeline": "pipeline", "search": "search", "train": "train", "serve": "serve"}
@@ -112,12 +113,6 @@ def test_relative_storage_paths_go_to_the_shared_storage(monkeypatch):
 # A real two-node cluster on this machine.
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
-
-
 def _free_port_range(size=40):
     """A range of free ports for a node's workers (Ray's default range is shared with the
     other clusters on this machine)."""
@@ -138,7 +133,7 @@ def _node_ports():
     first, last = _free_port_range()
     options = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
-    return [*(x for option in options for x in (option, str(_free_port()))),
+    return [*(x for option in options for x in (option, str(free_port()))),
             "--min-worker-port", str(first), "--max-worker-port", str(last)]
 
 
@@ -160,7 +155,7 @@ class LocalCluster:
 
         self.log_dir = log_dir
         self.address = ray.util.get_node_ip_address()  # the machine's own: no traffic leaves it
-        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.port, self.dashboard_port = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes, self.temp_dirs = {}, []
 
@@ -178,7 +173,7 @@ class LocalCluster:
     def start(self, timeout=120):
         self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "true",
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                             "--ray-client-server-port", str(_free_port())])
+                             "--ray-client-server-port", str(free_port())])
         deadline = time.time() + timeout
         while time.time() < deadline and not self.state("nodes", quiet=True):
             time.sleep(1)
@@ -272,18 +267,21 @@ def _rows(output):
         return list(csv.DictReader(handle))
 
 
+def _tune_results(output):
+    """Every result (one per reported epoch) in Tune's own result files."""
+    for path in glob.glob(os.path.join(output, "tune", "search", "*", "result.json")):
+        with open(path) as handle:
+            yield from (json.loads(line) for line in handle if line.strip())
+
+
 def _trial_pids(output):
     """Trial id -> the process ids that reported its epochs, in order (a retried trial has
     more than one)."""
     pids = {}
-    for path in glob.glob(os.path.join(output, "tune", "search", "*", "result.json")):
-        with open(path) as handle:
-            for line in handle:
-                if line.strip():
-                    result = json.loads(line)
-                    trial_pids = pids.setdefault(result["trial_id"], [])
-                    if result["pid"] not in trial_pids:
-                        trial_pids.append(result["pid"])
+    for result in _tune_results(output):
+        trial_pids = pids.setdefault(result["trial_id"], [])
+        if result["pid"] not in trial_pids:
+            trial_pids.append(result["pid"])
     return pids
 
 
@@ -331,17 +329,6 @@ def test_a_search_job_spreads_its_trials_over_both_nodes(cluster, shared_dirs, t
     assert None not in used and used == set(cluster.node_ids), f"trials ran on {used}, nodes {cluster.node_ids}"
 
 
-def _result_lines(output):
-    """Trial id -> how many epochs it has reported, from Tune's own result files."""
-    counts = {}
-    for path in glob.glob(os.path.join(output, "tune", "search", "*", "result.json")):
-        with open(path) as handle:
-            for line in filter(str.strip, handle):
-                trial = json.loads(line)["trial_id"]
-                counts[trial] = counts.get(trial, 0) + 1
-    return counts
-
-
 @pytest.mark.slow
 def test_a_killed_search_driver_resumes_without_redoing_finished_trials(cluster, shared_dirs, tmp_path):
     output = str(tmp_path / "search")
@@ -366,12 +353,12 @@ def test_a_killed_search_driver_resumes_without_redoing_finished_trials(cluster,
             job.kill()
             job.communicate()
     assert returncode != 0  # the job failed with its driver
-    reported = _result_lines(output)
+    reported = collections.Counter(r["trial_id"] for r in _tune_results(output))
     returncode, log = _finish(_submit(cluster, command + ["--resume"]), timeout=420)
     assert returncode == 0 and "succeeded" in log, log[-3000:]
     _assert_every_trial_done_once(output, 4)
     assert finished <= {row["trial_id"] for row in _rows(output)}  # the same search, continued
-    after = _result_lines(output)
+    after = collections.Counter(r["trial_id"] for r in _tune_results(output))
     assert all(after[trial] == reported[trial] for trial in finished), (reported, after)  # not run again
     assert all(row["epochs"] == "6" for row in _rows(output))
 

@@ -4,7 +4,6 @@ temporary `runs/`), and every `tensorboard --logdir` it shows serves what the ru
 import json
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import urllib.request
 import pytest
 
 from dogbreeds import cli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
@@ -56,9 +55,7 @@ def test_readme_command(command, ray_cluster, runs, monkeypatch):
 @pytest.mark.parametrize("logdir", re.findall(r"`tensorboard --logdir runs/(\S+)`", README))
 def test_tensorboard_command_serves_a_run(logdir, runs):
     assert (runs / logdir).is_dir(), "the README command that writes it runs first"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs / logdir),
          "--host", "127.0.0.1", "--port", str(port)],

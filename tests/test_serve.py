@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -25,7 +24,9 @@ import pytest
 from PIL import Image
 
 from dogbreeds import cli, serve as serving
-from tests.conftest import ARTIFACTS, MOBILENET_WEIGHTS, NOT_DOGS_DIR, ROOT, SAMPLE_DIR, SHARED, TINY_DIR
+from tests.conftest import (
+    ARTIFACTS, MOBILENET_WEIGHTS, NOT_DOGS_DIR, ROOT, SAMPLE_DIR, SHARED, TINY_DIR, free_port,
+)
 
 README = (ROOT / "README.md").read_text()
 SERVING = README.split("## Serving", 1)[-1].split("\n## ", 1)[0]
@@ -49,12 +50,6 @@ def _readme_command(prefix: str) -> str:
 
 def _photos(folder) -> list[str]:
     return sorted(str(path) for path in pathlib.Path(folder).rglob("*") if path.suffix.lower() in (".jpg", ".jpeg"))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _encode(image: Image.Image, image_format: str, **options) -> bytes:
@@ -149,7 +144,7 @@ def server(ray_cluster, bundle_dir):
     """The application on this session's Ray, on a free port of 127.0.0.1."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serving.start_serve("127.0.0.1", port)
     args = serving.ServeArgs(bundle=bundle_dir, max_batch_size=16, examples_dir=str(SAMPLE_DIR))
     serve.run(serving.build_app(args), name="dogbreeds", route_prefix="/")
@@ -410,7 +405,7 @@ def _listener(port: int) -> str:
 @pytest.mark.parametrize("haproxy", [False, True], ids=["serve-proxy", "haproxy"])
 def test_dogbreeds_serve_command_prints_its_url_and_answers_the_readme_curl(bundle_dir, tmp_path, haproxy):
     command = _readme_command(".venv/bin/dogbreeds serve ").removeprefix(".venv/bin/dogbreeds ")
-    port = _free_port()
+    port = free_port()
     argv = [arg.replace("runs/bundle", bundle_dir) for arg in shlex.split(command)] + ["--port", str(port)]
     argv += ["--haproxy"] if haproxy else []
     log = tmp_path / "serve.log"
@@ -452,7 +447,7 @@ def test_serve_deploy_of_the_cluster_config_on_a_ray_started_head(bundle_dir, tm
     import yaml
 
     config = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
-    serve_port, dashboard_port, gcs_port = _free_port(), _free_port(), _free_port()
+    serve_port, dashboard_port, gcs_port = free_port(), free_port(), free_port()
     config["http_options"].update(host="127.0.0.1", port=serve_port)
     (application,) = config["applications"]
     application["args"]["bundle"] = bundle_dir
