@@ -372,11 +372,14 @@ def test_a_search_finishes_every_trial_when_the_worker_node_dies(cluster, shared
     slow_trials = ["--scheduler", "none", "--batch-size", "1"]
     job = _submit(cluster, _search_command(output, shared_dirs, trials=3, epochs=8, extra=slow_trials))
     try:
-        # Wait for a trial on the worker node to report an epoch, then kill that node.
+        # Wait for a trial on the worker node to report an epoch, with at least half of its
+        # epochs still to run (a loaded machine may see it late), then kill that node.
         deadline, victim = time.time() + 300, None
         while victim is None and time.time() < deadline and job.poll() is None:
             time.sleep(2)
-            victim = next((trial for trial, nodes in _trial_nodes(cluster, output).items() if worker in nodes), None)
+            epochs = collections.Counter(result["trial_id"] for result in _tune_results(output))
+            victim = next((trial for trial, nodes in _trial_nodes(cluster, output).items()
+                           if worker in nodes and epochs[trial] <= 4), None)
         assert victim is not None, "no trial reached the worker node"
         assert _tune_trials(output).get(victim, ("RUNNING",))[0] != "TERMINATED", "the trial should still run"
         cluster.kill("worker")
