@@ -281,6 +281,7 @@ def bench_serve(
     num_replicas: int = 1,
     port: int = 8000,
     haproxy: bool = False,
+    num_cpus_per_replica: float = 1.0,
 ) -> dict:
     """Requests/s and p50/p99 latency of `POST /predict` at each concurrency, batched and
     unbatched (the same replicas), against a bare `model.predict` at the same batch size.
@@ -309,6 +310,7 @@ def bench_serve(
         "photos": len(photos),
         "cpu_count": os.cpu_count(),
         "num_replicas": num_replicas,
+        "num_cpus_per_replica": num_cpus_per_replica,
         "haproxy": haproxy,
         "max_batch_size": max_batch_size,
         "batch_wait_ms": batch_wait_ms,
@@ -316,7 +318,7 @@ def bench_serve(
     }
     for mode, batch_size in (("batched", max_batch_size), ("unbatched", 1)):
         args = ServeArgs(bundle=bundle_dir, max_batch_size=batch_size, batch_wait_ms=batch_wait_ms,
-                         num_replicas=num_replicas)
+                         num_replicas=num_replicas, num_cpus_per_replica=num_cpus_per_replica)
         serve.run(build_app(args), name=SERVE_BENCH_APP, route_prefix="/bench")
         try:
             asyncio.run(_serve_load(url, photos, max(concurrencies), min(duration_s, 2.0)))  # warm-up

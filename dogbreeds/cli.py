@@ -80,6 +80,8 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="classifier replicas (default: 1)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="photos per model call (default: 32)")
     parser.add_argument("--batch-wait-ms", type=float, default=10, help="wait to fill a batch (default: 10)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1,
+                        help="CPUs per classifier replica, and its TensorFlow threads (default: 1)")
     parser.add_argument("--haproxy", action="store_true",
                         help="start Ray in Serve's HAProxy mode: faster, but it opens HAProxy's stats "
                         "and metrics ports (8404, 9101) on every interface")
@@ -146,10 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--address", help="a running Ray cluster (default: start a local Ray)")
     _add_serving_options(serve_parser)
     serve_parser.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this many")
-    serve_parser.add_argument("--cpus-per-replica", type=float, default=1, help="CPUs per classifier replica")
     serve_parser.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per classifier replica")
     serve_parser.add_argument("--tensorflow-threads", type=int, default=0,
-                              help="TensorFlow threads per replica (default 0: TensorFlow's own)")
+                              help="TensorFlow threads per replica (default 0: its CPUs, at least 1)")
     serve_parser.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413 (default: 10)")
     serve_parser.add_argument("--confidence-threshold", type=float, default=0.5,
                               help="below this top probability the UI says it is not sure (default: 0.5)")
@@ -347,11 +348,12 @@ def command_serve(args) -> None:
 def command_bench_serve(args) -> None:
     from dogbreeds import bench, serve
 
+    # Bad options fail here, before Ray starts.
     serve.parse_serve_args(bundle=args.bundle, num_replicas=args.replicas, max_batch_size=args.max_batch_size,
-                           batch_wait_ms=args.batch_wait_ms)  # bad options fail before Ray starts
+                           batch_wait_ms=args.batch_wait_ms, num_cpus_per_replica=args.cpus_per_replica)
     result = bench.bench_serve(
         args.bundle, args.data_dir, tuple(args.concurrency), args.duration, args.max_batch_size,
-        args.batch_wait_ms, args.replicas, args.port, args.haproxy,
+        args.batch_wait_ms, args.replicas, args.port, args.haproxy, args.cpus_per_replica,
     )
     print(json.dumps(result, indent=1))
     with open(args.output, "w") as handle:

@@ -221,6 +221,8 @@ def test_health_labels_model_and_openapi(client, bundle):
     assert model["config"]["train"]["model"] == "mobilenet_025" and "versions" in model["config"]
     assert model["preprocessing"]["chain"] == "decode|resize(128)"
     assert model["serving"]["max_batch_size"] == 16
+    # The replica's TensorFlow runs on the one CPU Ray reserved for it, not on every core.
+    assert model["serving"]["tensorflow_threads"] == 1
     openapi = client.get("/openapi.json").json()
     assert {"/predict", "/healthz", "/labels", "/model"} <= set(openapi["paths"])
     assert "multipart/form-data" in openapi["paths"]["/predict"]["post"]["requestBody"]["content"]
