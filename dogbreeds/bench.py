@@ -344,6 +344,10 @@ def bench_serve(
     }
     for key, step in bare.items():
         result[key] = _bare_images_per_s(step, max_batch_size, duration_s)
+    # What batching gains in the model alone: the most it can gain behind Serve.
+    one_photo = _bare_images_per_s(lambda: forward(prepared[:1]).numpy(), 1, duration_s)
+    result["bare_forward_one_photo_images_per_s"] = one_photo
+    result["bare_forward_batched_over_one_photo"] = round(result["bare_forward_images_per_s"] / one_photo, 2)
     top = str(max(concurrencies))
     batched, unbatched = result["batched"][top]["requests_per_s"], result["unbatched"][top]["requests_per_s"]
     result[f"batched_over_unbatched_at_{top}"] = round(batched / unbatched, 2) if unbatched else None

@@ -331,11 +331,11 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
 
     @app.get("/model")
     def model():
-        """The model's metrics and provenance: configuration, versions, preprocessing."""
-        serving = args.model_dump(exclude={"bundle", "examples_dir"}) | {"tensorflow_threads": info["tensorflow_threads"]}
-        return {key: value for key, value in info.items() if key not in ("class_names", "tensorflow_threads")} | {
-            "serving": serving
-        }
+        """The model's metrics and provenance (configuration, versions, preprocessing), and
+        how it is served."""
+        described = {key: value for key, value in info.items() if key not in ("class_names", "tensorflow_threads")}
+        serving = args.model_dump(exclude={"bundle", "examples_dir"})
+        return described | {"serving": serving | {"tensorflow_threads": info["tensorflow_threads"]}}
 
     import gradio
 

@@ -521,6 +521,9 @@ def test_bench_serve_prints_and_writes_json(server, bundle_dir, tmp_path, capsys
             assert measured["requests"] > 0 and measured["errors"] == 0
             assert 0 < measured["p50_ms"] <= measured["p99_ms"]
             assert all(measured["cpu_ms_per_request"][role] > 0 for role in ("ingress", "classifier", "clients"))
+    assert result["num_cpus_per_replica"] == 1
     assert result["bare_model_predict_images_per_s"] > 0 and result["bare_forward_images_per_s"] > 0
+    assert result["bare_forward_batched_over_one_photo"] == pytest.approx(
+        result["bare_forward_images_per_s"] / result["bare_forward_one_photo_images_per_s"], abs=0.01)
     assert result["serve_at_4_over_bare_model_predict"] > 0 and result["batched_over_unbatched_at_4"] > 0
     assert '"benchmark": "serve"' in capsys.readouterr().out
