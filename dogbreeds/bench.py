@@ -293,7 +293,7 @@ def bench_serve(
     from ray import serve
 
     from dogbreeds.export import load_bundle
-    from dogbreeds.serve import ServeArgs, build_app, build_forward, start_serve
+    from dogbreeds.serve import ServeArgs, build_app, start_serve
 
     paths = _photo_files(photo_dir)[:64]
     if not paths:
@@ -317,8 +317,10 @@ def bench_serve(
         "duration_s": duration_s,
     }
     for mode, batch_size in (("batched", max_batch_size), ("unbatched", 1)):
+        # All the clients come from 127.0.0.1: lift the per-client bound above their number.
         args = ServeArgs(bundle=bundle_dir, max_batch_size=batch_size, batch_wait_ms=batch_wait_ms,
-                         num_replicas=num_replicas, num_cpus_per_replica=num_cpus_per_replica)
+                         num_replicas=num_replicas, num_cpus_per_replica=num_cpus_per_replica,
+                         max_requests_per_client=2 * max(concurrencies) + 8)
         serve.run(build_app(args), name=SERVE_BENCH_APP, route_prefix="/bench")
         try:
             asyncio.run(_serve_load(url, photos, max(concurrencies), min(duration_s, 2.0)))  # warm-up
@@ -330,22 +332,22 @@ def bench_serve(
             serve.delete(SERVE_BENCH_APP)
 
     # Bare, in this process, with Serve idle: Keras' model.predict, the same traced graph the
-    # classifier runs, and that graph after the bundle's decoding, all on one full batch.
+    # classifier runs (probabilities and novelty scores), and that graph after the bundle's
+    # decoding, all on one full batch.
     bundle = load_bundle(bundle_dir)
-    forward = build_forward(bundle)
+    forward = bundle.predict_with_novelty
     batch = [photos[i % len(photos)] for i in range(max_batch_size)]
-    prepared = np.stack([bundle.prepare(photo) for photo in batch]).astype(np.float32)
+    prepared = np.stack([bundle.prepare(photo) for photo in batch])
     bare = {
-        "bare_model_predict_images_per_s": lambda: bundle.model.predict(prepared, batch_size=max_batch_size, verbose=0),
-        "bare_forward_images_per_s": lambda: forward(prepared).numpy(),
-        "bare_decode_and_forward_images_per_s": lambda: forward(
-            np.stack([bundle.prepare(photo) for photo in batch]).astype(np.float32)
-        ).numpy(),
+        "bare_model_predict_images_per_s": lambda: bundle.model.predict(
+            prepared.astype(np.float32), batch_size=max_batch_size, verbose=0),
+        "bare_forward_images_per_s": lambda: forward(prepared),
+        "bare_decode_and_forward_images_per_s": lambda: forward(np.stack([bundle.prepare(photo) for photo in batch])),
     }
     for key, step in bare.items():
         result[key] = _bare_images_per_s(step, max_batch_size, duration_s)
     # What batching gains in the model alone: the most it can gain behind Serve.
-    one_photo = _bare_images_per_s(lambda: forward(prepared[:1]).numpy(), 1, duration_s)
+    one_photo = _bare_images_per_s(lambda: forward(prepared[:1]), 1, duration_s)
     result["bare_forward_one_photo_images_per_s"] = one_photo
     result["bare_forward_batched_over_one_photo"] = round(result["bare_forward_images_per_s"] / one_photo, 2)
     top = str(max(concurrencies))
@@ -355,3 +357,77 @@ def bench_serve(
         name = key.removeprefix("bare_").removesuffix("_images_per_s")
         result[f"serve_at_{top}_over_bare_{name}"] = round(batched / result[key], 3)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# `bench_attack`: the adversarial suite (dogbreeds/attack/) against a real `dogbreeds serve`.
+
+# A server this benchmark started has a process killed past this RSS (Serve replaces it), so
+# that a bomb the server fails to bound cannot take the machine down; the JSON reports it.
+ATTACK_KILL_ABOVE_MB = 8000
+
+
+def start_serve_process(bundle_dir: str, port: int, log_path: str, options: tuple[str, ...] = ()):
+    """`dogbreeds serve BUNDLE --port PORT` in a subprocess, once it printed its URL."""
+    import re
+    import subprocess
+    import sys
+
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", "serve", bundle_dir, "--port", str(port),
+                                    *options], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with open(log_path) as log:
+            if re.search(r"^dogbreeds serve: http://\S+/ ", log.read(), re.M):
+                return process
+        if process.poll() is not None:
+            with open(log_path) as log:
+                raise RuntimeError(f"dogbreeds serve exited ({process.returncode}): {log.read()[-2000:]}")
+        time.sleep(1)
+    stop_serve_process(process)
+    raise RuntimeError(f"dogbreeds serve printed no URL in 300 s; see {log_path}")
+
+
+def stop_serve_process(process, timeout_s: float = 120) -> None:
+    """SIGTERM (`dogbreeds serve` then shuts Serve and Ray down); if that hangs (an ingress
+    spinning on /dev/zero does), kill the processes it started, then it."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    if process.poll() is not None:
+        return
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        started = []
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for child in started:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        process.kill()
+        process.wait()
+
+
+def bench_attack(bundle_dir: str, photo_path: str, port: int = 8000, url: str | None = None,
+                 names: list[str] | None = None, progress=None) -> dict:
+    """`attack.run_attack` against `url`, or else against a `dogbreeds serve BUNDLE`
+    started here on 127.0.0.1:`port` with its default options and stopped after."""
+    from dogbreeds.attack import run_attack
+
+    if url:
+        return run_attack(url, bundle_dir, photo_path, names=names, progress=progress)
+    with tempfile.TemporaryDirectory() as scratch:
+        process = start_serve_process(bundle_dir, port, os.path.join(scratch, "serve.log"))
+        try:
+            return run_attack(f"http://127.0.0.1:{port}", bundle_dir, photo_path, server_pid=process.pid,
+                              names=names, kill_above_mb=ATTACK_KILL_ABOVE_MB, progress=progress)
+        finally:
+            stop_serve_process(process)

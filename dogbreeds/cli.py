@@ -87,6 +87,42 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
                         "and metrics ports (8404, 9101) on every interface")
 
 
+# `dogbreeds serve`'s bounds on what strangers send: each sets the ServeArgs field of its name
+# (dogbreeds/serve.py gives each default and its reason).
+SERVE_BOUNDS = {
+    "--max-image-pixels": (int, "photos with more pixels (first frame) get 422"),
+    "--max-aspect-ratio": (float, "photos more elongated than this to 1 get 422"),
+    "--max-concurrent-decodes": (int, "photos a classifier replica decodes at once"),
+    "--max-request-bytes": (int, "larger bodies of other routes get 413"),
+    "--max-header-bytes": (int, "larger headers and query strings get 431"),
+    "--max-files-per-request": (int, "uploads of more files get 413"),
+    "--max-requests-per-client": (int, "more requests in flight from one address get 429"),
+    "--max-queued-requests": (int, "requests waiting for the ingress; more get 503"),
+    "--body-timeout-s": (float, "a body slower than this gets 408"),
+    "--request-timeout-s": (float, "a request longer than this is ended (504)"),
+    "--ui-queue-size": (int, "photos waiting in the UI's queue"),
+    "--upload-cache-max-age-s": (int, "UI uploads older than this are deleted"),
+    "--allowed-hosts": (str, "Host headers answered, '*' for any"),
+    "--api-token-file": (str, "a file holding the API token (or $DOGBREEDS_API_TOKEN)"),
+}
+
+
+def _serve_default(flag: str):
+    # Read from the source without importing Ray: `dogbreeds --help` stays fast.
+    import ast
+    import pathlib
+
+    tree = ast.parse((pathlib.Path(__file__).parent / "serve.py").read_text())
+    name = flag.removeprefix("--").replace("-", "_")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
+            value = node.value
+            if isinstance(value, ast.Call) and value.args:
+                value = value.args[0]
+            return ast.unparse(value)
+    raise KeyError(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dogbreeds", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -155,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--confidence-threshold", type=float, default=0.5,
                               help="below this top probability the UI says it is not sure (default: 0.5)")
     serve_parser.add_argument("--examples", help="a folder of example photos for the UI")
+    for flag, (kind, about) in SERVE_BOUNDS.items():
+        serve_parser.add_argument(flag, type=kind, nargs="+" if flag == "--allowed-hosts" else None,
+                                  help=f"{about} (default: {_serve_default(flag)})")
 
     bench_parser = commands.add_parser("bench", help="benchmarks that print and write JSON")
     benches = bench_parser.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -183,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--duration", type=float, default=10, help="seconds per measurement (default: 10)")
     serve_bench.add_argument("--port", type=int, default=8000, help="Serve's HTTP port on 127.0.0.1")
     serve_bench.add_argument("--output", default="bench_serve.json", help="the JSON file")
+    attack_bench = benches.add_parser(
+        "attack", help="hostile inputs against dogbreeds serve: statuses, probe latency, peak memory"
+    )
+    attack_bench.add_argument("bundle", help="a bundle directory (from `dogbreeds export`)")
+    attack_bench.add_argument("--port", type=int, default=8000, help="serve the bundle on this port of 127.0.0.1")
+    attack_bench.add_argument("--url", help="attack this running server (on 127.x.x.x) instead of starting one")
+    attack_bench.add_argument(
+        "--photo", default="../shared/data/stanford_dogs_sample/Images/n02085620-Chihuahua/"
+        "imagenet_sample_n02085620_Chihuahua.JPEG", help="the real photo sent after every attack",
+    )
+    attack_bench.add_argument("--cases", nargs="+", help="only the cases whose names contain one of these")
+    attack_bench.add_argument("--output", default="bench_attack.json", help="the JSON file")
+    novelty_bench = benches.add_parser(
+        "novelty", help="the not-a-dog verdicts of a bundle on its own dogs and on folders of other photos"
+    )
+    novelty_bench.add_argument("bundle", help="a bundle directory (from `dogbreeds export`)")
+    novelty_bench.add_argument("--not-dogs", nargs="+", default=[], help="folders of photos without dogs")
+    novelty_bench.add_argument("--other", nargs="+", default=[], help="other folders, measured the same way")
+    novelty_bench.add_argument("--output", default="bench_novelty.json", help="the JSON file")
     return parser
 
 
@@ -341,6 +399,11 @@ def command_serve(args) -> None:
         num_cpus_per_replica=args.cpus_per_replica, num_gpus_per_replica=args.gpus_per_replica,
         tensorflow_threads=args.tensorflow_threads, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         confidence_threshold=args.confidence_threshold, examples_dir=args.examples,
+        **{
+            flag.removeprefix("--").replace("-", "_"): value
+            for flag in SERVE_BOUNDS
+            if (value := getattr(args, flag.removeprefix("--").replace("-", "_"))) is not None
+        },
     )
     serve.run_server(serve_args, args.host, args.port, args.address, args.haproxy)
 
@@ -361,12 +424,38 @@ def command_bench_serve(args) -> None:
     print(f"wrote {args.output}")
 
 
+def command_bench_attack(args) -> None:
+    from dogbreeds import bench
+
+    if not os.path.isfile(os.path.join(args.bundle, "bundle.json")):
+        raise ValueError(f"not a dogbreeds bundle (no bundle.json): {args.bundle}")
+    if not os.path.isfile(args.photo):
+        raise ValueError(f"--photo not found: {args.photo}")
+
+    def progress(case):
+        print(f"{case['name']}: {case['status']} in {case['seconds']} s, "
+              f"{'ok' if case['acceptable'] else 'NOT ACCEPTABLE'}; probe {case['probe_status']} in "
+              f"{case['probe_seconds']} s", file=sys.stderr, flush=True)
+
+    result = bench.bench_attack(args.bundle, args.photo, args.port, args.url, args.cases, progress)
+    print(json.dumps(result, indent=1, ensure_ascii=False))
+    with open(args.output, "w") as handle:
+        json.dump(result, handle, indent=1, ensure_ascii=False)
+    print(f"wrote {args.output}")
+
+
 def command_bench(args) -> None:
     if args.bench == "serve":
         return command_bench_serve(args)
+    if args.bench == "attack":
+        return command_bench_attack(args)
     from dogbreeds import bench
 
-    if args.bench == "heads":
+    if args.bench == "novelty":
+        from dogbreeds import novelty
+
+        result = {"benchmark": "novelty", **novelty.measure_rates(args.bundle, args.not_dogs, args.other)}
+    elif args.bench == "heads":
         weights = None if args.weights.lower() == "none" else args.weights
         result = bench.bench_heads(
             _data_config(args), args.backbone, weights, args.image_size or 128, args.views,
@@ -394,7 +483,7 @@ COMMANDS = {
 
 
 # Options whose relative paths a cluster job puts on the shared storage.
-STORAGE_OPTIONS = ("--output", "--features-dir", "--cache-dir", "--tfds-dir", "--examples")
+STORAGE_OPTIONS = ("--output", "--features-dir", "--cache-dir", "--tfds-dir", "--examples", "--api-token-file")
 
 
 def on_storage(argv: list[str]) -> list[str]:

@@ -6,24 +6,28 @@
 `build_app(ServeArgs)` binds two deployments:
 - `Classifier` loads the bundle once per replica, checks each photo, prepares it with the
   bundle's own preprocessing (never re-implemented here) and batches the model calls with
-  `@serve.batch`;
+  `@serve.batch`; each answer carries the bundle's verdict (`breed`, `unsure`, `not_a_dog`);
 - `Ingress` answers HTTP: `POST /predict` (a multipart upload or the raw image bytes),
   `GET /healthz`, `GET /labels`, `GET /model`, the OpenAPI description at `/docs`, and the
   Gradio UI at `/`, mounted on the same FastAPI app (Ray's `GradioServer` fails with
-  Gradio 6). The UI only calls the classifier, like any other client.
+  Gradio 6), all behind `dogbreeds.guard`. The UI only calls the classifier, like any other
+  client.
 
-A photo the service cannot read is a 4xx answer `{"detail": reason}`, never a 500: the
-checks run before anything is decoded, and a bad photo never joins a batch.
+The service faces strangers (README, Security): every bound on what they send is a
+`ServeArgs` field with a safe default. A photo the service cannot read is a 4xx answer
+`{"detail": reason}`, never a 500: the checks run before anything is decoded, and a bad photo
+never joins a batch.
 """
 
 import asyncio
 import io
 import math
 import os
+import re
 import signal
 import time
 import warnings
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import pydantic
@@ -63,13 +67,52 @@ class ServeArgs(pydantic.BaseModel):
     # Largest upload accepted, in bytes (10 MB): a bigger one is answered 413.
     max_upload_bytes: int = pydantic.Field(10 * 1024 * 1024, ge=1)
     # Largest photo in pixels (Pillow refuses above 179M anyway): decompression bombs are 422.
+    # Only the first frame of an animation is decoded, so this bounds every photo's decoding.
     max_image_pixels: int = pydantic.Field(50_000_000, ge=1)
-    # Below this top probability, the UI says "not sure" instead of naming a breed.
+    # Largest ratio of a photo's long side to its short one: a 999,999x1 PNG is 1 KB and costs
+    # 1.2 GB to resize. Panoramas stay under 10.
+    max_aspect_ratio: float = pydantic.Field(20.0, ge=1)
+    # Photos one classifier replica decodes at once: a 50 MP photo takes ~0.6 GB while it does.
+    max_concurrent_decodes: int = pydantic.Field(2, ge=1)
+    # Below this top probability the answer is `unsure` instead of a breed.
     confidence_threshold: float = pydantic.Field(0.5, ge=0, le=1)
     # A folder of photos the UI offers as examples (up to 6, one per sub-folder); None: none.
     examples_dir: Optional[str] = None
-    # Requests one ingress replica handles at once; Gradio's open event streams count too.
-    max_ongoing_requests: int = pydantic.Field(256, ge=1)
+    # Requests one ingress replica handles at once; Gradio's open event streams count too. A
+    # waiting request costs the ingress little, so room for many clients at their own bound.
+    max_ongoing_requests: int = pydantic.Field(512, ge=1)
+    # Requests Serve's router holds for the ingress (a burst of connections waits here before
+    # the ingress admits them); more get 503.
+    max_queued_requests: int = pydantic.Field(1024, ge=1)
+    # Requests in flight from one client address; more get 429, so one client cannot take all
+    # (a browser opens at most 6 connections to a site, and one event stream).
+    max_requests_per_client: int = pydantic.Field(16, ge=1)
+    # Largest headers and query string of a request, in bytes (browsers send a few KB): more is 431.
+    max_header_bytes: int = pydantic.Field(32 * 1024, ge=1024)
+    # Largest body of any other request (Gradio's JSON routes carry a few KB): more is 413.
+    max_request_bytes: int = pydantic.Field(1024 * 1024, ge=1024)
+    # Files in one upload to the UI (the page sends one at a time): more is 413.
+    max_files_per_request: int = pydantic.Field(4, ge=1)
+    # Seconds for a request's body to arrive: slower clients get 408 (10 MB at ~3 Mbit/s).
+    body_timeout_s: float = pydantic.Field(30.0, gt=0)
+    # Seconds for a whole request, event streams included: then 504, or the stream is closed.
+    request_timeout_s: float = pydantic.Field(60.0, gt=0)
+    # Photos waiting in the UI's queue; past it the page says the service is busy.
+    ui_queue_size: int = pydantic.Field(64, ge=1)
+    # Uploads older than this many seconds are deleted from Gradio's cache (checked each minute,
+    # or sooner for a shorter age).
+    upload_cache_max_age_s: int = pydantic.Field(600, ge=1)
+    # Host headers answered ("*": any, "*.example.com": its subdomains); others get 400. On a
+    # cluster, list the names clients use.
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+    # A file holding the API token that /predict and the UI then require (`Authorization:
+    # Bearer TOKEN`, or `/?token=TOKEN` once in a browser); DOGBREEDS_API_TOKEN in the
+    # replicas' environment works too. None and no variable: no token.
+    api_token_file: Optional[str] = None
+
+
+# The environment variable that holds the API token when no `api_token_file` is given.
+TOKEN_VARIABLE = "DOGBREEDS_API_TOKEN"
 
 
 def parse_serve_args(**values) -> ServeArgs:
@@ -95,11 +138,12 @@ class ImageError(ValueError):
         return self.reason
 
 
-def inspect_image(encoded: bytes, max_image_pixels: int) -> dict:
+def inspect_image(encoded: bytes, max_image_pixels: int, max_aspect_ratio: float) -> dict:
     """Format and size of an encoded photo, read from its header only (no decoding).
 
-    Raises `ImageError` for no bytes (400), what is not a supported image (415) and
-    decompression bombs (422)."""
+    Raises `ImageError` for no bytes (400), what is not a supported image (415), decompression
+    bombs and extreme shapes (422). Only an animation's first frame is ever decoded
+    (`export.first_frame`), so its size is what counts."""
     from PIL import Image
 
     if not encoded:
@@ -123,18 +167,11 @@ def inspect_image(encoded: bytes, max_image_pixels: int) -> dict:
             f"image too large: {width}x{height} is {width * height} pixels, the limit is "
             f"{max_image_pixels} (a decompression bomb?)",
         )
+    if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect_ratio:
+        raise ImageError(
+            422, f"image shape {width}x{height} is too elongated: the limit is {max_aspect_ratio:g} to 1"
+        )
     return {"format": image_format, "width": width, "height": height}
-
-
-def build_forward(bundle):
-    """The bundle's model as one traced TensorFlow graph for any batch size: prepared uint8
-    photos as float32 [N, S, S, 3] in, probabilities out (what `Bundle.predict_arrays`
-    computes, without the ~15 ms that Keras' `predict_on_batch` adds to every call)."""
-    import tensorflow as tf
-
-    size = bundle.image_size
-    signature = [tf.TensorSpec([None, size, size, 3], tf.float32)]
-    return tf.function(lambda images: bundle.model(images, training=False), input_signature=signature)
 
 
 @serve.deployment
@@ -152,14 +189,14 @@ class Classifier:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
         self.args = args
+        self.decodes = asyncio.Semaphore(args.max_concurrent_decodes)
         self.bundle = load_bundle(args.bundle)
         self.info = self.bundle.info | {"tensorflow_threads": tf.config.threading.get_intra_op_parallelism_threads()}
-        self.forward = build_forward(self.bundle)
         self.predict_batch.set_max_batch_size(args.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(args.batch_wait_ms / 1000)
         size = self.bundle.image_size
         # The first call traces the graph: pay it here, not in the first request.
-        self.forward(np.zeros((1, size, size, 3), np.float32))
+        self.bundle.predict_with_novelty(np.zeros((1, size, size, 3), np.uint8))
 
     def describe(self) -> dict:
         """The bundle's description (name, version, breeds, metrics, configuration) and the
@@ -167,15 +204,20 @@ class Classifier:
         return self.info
 
     async def classify(self, encoded: bytes, top_k: int = DEFAULT_TOP_K) -> dict:
-        """The `top_k` breeds of one encoded photo, with the model's name and version."""
-        inspect_image(encoded, self.args.max_image_pixels)
-        image = await asyncio.to_thread(self._prepare, encoded)
-        probabilities = await self.predict_batch(image)
+        """The `top_k` breeds of one encoded photo, its verdict (`breed`, `unsure` or
+        `not_a_dog`) and novelty score, with the model's name and version."""
+        inspect_image(encoded, self.args.max_image_pixels, self.args.max_aspect_ratio)
+        async with self.decodes:  # each decoding may hold hundreds of MB: a few at a time
+            image = await asyncio.to_thread(self._prepare, encoded)
+        probabilities, score = await self.predict_batch(image)
         names = self.bundle.class_names
         best = np.argsort(-probabilities, kind="stable")[:top_k]
         predictions = [{"breed": names[i], "probability": float(probabilities[i])} for i in best]
+        (verdict,) = self.bundle.verdicts(probabilities[None], np.array([score]), self.args.confidence_threshold)
         return {
             "predictions": predictions,
+            "verdict": str(verdict),
+            "novelty": None if np.isnan(score) else round(float(score), 4),
             "confident": predictions[0]["probability"] >= self.args.confidence_threshold,
             "model": self.bundle.info["name"],
             "version": self.bundle.info["version"],
@@ -191,12 +233,11 @@ class Classifier:
             raise ImageError(422, f"the image could not be decoded (corrupt or truncated?): {detail}") from None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from ServeArgs in __init__
-    async def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Probabilities for a batch of prepared photos, in one model call."""
-        batch = np.stack(images).astype(np.float32)
+    async def predict_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """(probabilities, novelty score) for a batch of prepared photos, in one model call."""
         # In a thread, so the next batch gathers while this one runs.
-        probabilities = await asyncio.to_thread(lambda: self.forward(batch).numpy())
-        return list(probabilities)
+        probabilities, scores = await asyncio.to_thread(self.bundle.predict_with_novelty, np.stack(images))
+        return list(zip(probabilities, scores))
 
 
 class Breed(pydantic.BaseModel):
@@ -210,6 +251,10 @@ class Prediction(pydantic.BaseModel):
     """The answer of `POST /predict`."""
 
     predictions: list[Breed]  # the top k, most probable first
+    # not_a_dog: unlike every training dog (novelty over the bundle's threshold); else breed
+    # when the top probability reaches the confidence threshold, else unsure.
+    verdict: Literal["breed", "unsure", "not_a_dog"]
+    novelty: Optional[float]  # distance to the training dogs' features; None: no check in the bundle
     confident: bool  # the top probability reaches the confidence threshold
     model: str
     version: str
@@ -232,23 +277,24 @@ _UPLOAD_BODY = {
 _ERRORS = {
     status: {"description": description}
     for status, description in (
-        (400, "no image in the request"),
+        (400, "no image in the request, or a Host header this service does not answer"),
+        (401, "no API token, or a wrong one (when the service has one)"),
+        (408, "the body did not arrive in time"),
         (413, "upload over the size limit"),
         (415, "not multipart or an image content type, or not a supported image"),
-        (422, "an image that does not decode, or too many pixels, or a bad k"),
+        (422, "an image that does not decode, too many pixels, too elongated, or a bad k"),
+        (429, "too many requests in flight from this client"),
     )
 }
-# Multipart's boundaries and headers around the file.
-_MULTIPART_SLACK_BYTES = 64 * 1024
 
 
 async def read_upload(request, max_upload_bytes: int) -> bytes:
-    """The photo of a `POST /predict`: a multipart form's `file`, or the raw body.
+    """The photo of a `POST /predict`: a multipart form's `file`, or the raw body (the guard
+    has already read the body, bounded in size and time).
 
     Raises `ImageError` 413 past the size limit, 415 for other content types, 400 without
     a file."""
     from starlette.datastructures import UploadFile
-    from starlette.requests import Request
 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     multipart = content_type == "multipart/form-data"
@@ -258,45 +304,67 @@ async def read_upload(request, max_upload_bytes: int) -> bytes:
             f"content type {content_type!r}: send multipart/form-data with a 'file' field, or "
             "the image itself as image/* or application/octet-stream",
         )
-    limit = max_upload_bytes + (_MULTIPART_SLACK_BYTES if multipart else 0)
     too_large = ImageError(413, f"upload over the limit of {max_upload_bytes} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large  # refused before reading it
-    body, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        body.append(chunk)
-    body = b"".join(body)
     if not multipart:
+        body = await request.body()
         if not body:
             raise ImageError(400, "no image: send the photo as the request body or as a multipart 'file'")
+        if len(body) > max_upload_bytes:
+            raise too_large
         return body
-
-    async def receive():  # the form parser reads the body already read above
-        return {"type": "http.request", "body": body, "more_body": False}
-
     try:
-        form = await Request(request.scope, receive).form(max_files=4, max_fields=16)
+        form = await request.form(max_files=4, max_fields=16)
     except Exception as error:  # noqa: BLE001 - a malformed form is the client's error
         raise ImageError(400, f"malformed multipart form: {error}") from None
     files = [value for value in form.values() if isinstance(value, UploadFile)]
     upload = form.get("file") if isinstance(form.get("file"), UploadFile) else (files or [None])[0]
     if upload is None:
         raise ImageError(400, "no file in the form: send the photo as the 'file' field")
-    encoded = await upload.read()
+    encoded = await upload.read(max_upload_bytes + 1)
     if len(encoded) > max_upload_bytes:
         raise too_large
     return encoded
 
 
+def public_values(value):
+    """`value` with every absolute path cut to its last part: what /model shows strangers."""
+    if isinstance(value, dict):
+        return {key: public_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_values(item) for item in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return os.path.basename(value.rstrip("/")) or "/"
+    return value
+
+
+def read_api_token(args: ServeArgs) -> Optional[str]:
+    """The API token: `api_token_file`'s content, else $DOGBREEDS_API_TOKEN, else None."""
+    if args.api_token_file:
+        try:
+            with open(args.api_token_file) as handle:
+                token = handle.read(4096).strip()
+        except OSError as error:
+            raise ValueError(f"API token file {args.api_token_file}: {error.strerror}") from None
+    else:
+        token = os.environ.get(TOKEN_VARIABLE, "").strip()
+        if not token:
+            return None
+    if not re.fullmatch(r"[A-Za-z0-9._~+/=-]{16,512}", token):
+        raise ValueError("the API token must be 16 to 512 letters, digits or ._~+/=- "
+                         "(e.g. `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return token
+
+
 def build_http_app(classifier, info: dict, args: ServeArgs):
-    """The ingress's FastAPI app: the JSON API, then the Gradio UI mounted at `/`."""
+    """The ingress's FastAPI app: the JSON API, then the Gradio UI mounted at `/`, all behind
+    the guard (`dogbreeds.guard`: hosts, token, body and time limits, requests per client)."""
     import fastapi
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
+    from dogbreeds import guard
+
+    token = read_api_token(args)
     num_classes = len(info["class_names"])
     app = fastapi.FastAPI(
         title="dogbreeds",
@@ -308,6 +376,12 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
     @app.exception_handler(ImageError)
     async def image_error(request, error: ImageError):
         return JSONResponse({"detail": error.reason}, status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, error: RequestValidationError):
+        # One string like every other error, not FastAPI's list of objects.
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'][1:] or e['loc']))}: {e['msg']}" for e in error.errors())
+        return JSONResponse({"detail": reasons}, status_code=422)
 
     @app.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra={"requestBody": _UPLOAD_BODY})
     async def predict(
@@ -333,16 +407,30 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
     def model():
         """The model's metrics and provenance (configuration, versions, preprocessing), and
         how it is served."""
-        described = {key: value for key, value in info.items() if key not in ("class_names", "tensorflow_threads")}
-        serving = args.model_dump(exclude={"bundle", "examples_dir"})
-        return described | {"serving": serving | {"tensorflow_threads": info["tensorflow_threads"]}}
+        hidden = ("class_names", "tensorflow_threads", "files")
+        described = {key: value for key, value in info.items() if key not in hidden}
+        serving = args.model_dump(exclude={"bundle", "examples_dir", "api_token_file"})
+        serving |= {"tensorflow_threads": info["tensorflow_threads"], "api_token": token is not None}
+        return public_values(described | {"serving": serving})
 
     import gradio
 
     ui = build_ui(classifier, info, args)
-    return gradio.mount_gradio_app(
+    app = gradio.mount_gradio_app(
         app, ui, path="/", max_file_size=args.max_upload_bytes, footer_links=["api"], ssr_mode=False
     )
+    # Gradio checks that a file named in an API call was uploaded only once its app counts as
+    # launched, which mounting never marks: without this, any server file could be read.
+    ui.has_launched = True
+    limits = guard.Limits(
+        max_upload_bytes=args.max_upload_bytes, max_request_bytes=args.max_request_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_files_per_request=args.max_files_per_request, max_requests_per_client=args.max_requests_per_client,
+        body_timeout_s=args.body_timeout_s, request_timeout_s=args.request_timeout_s,
+        allowed_hosts=args.allowed_hosts,
+    )
+    app.add_middleware(guard.Guard, limits=limits, token=token)
+    return app
 
 
 def find_examples(folder: str, count: int = 6) -> list[str]:
@@ -360,6 +448,18 @@ def find_examples(folder: str, count: int = 6) -> list[str]:
     return chosen + rest[: count - len(chosen)]
 
 
+def verdict_text(result: dict, num_classes: int) -> str:
+    """What the UI says of a photo, in words, from its verdict."""
+    breed, probability = result["predictions"][0]["breed"], result["predictions"][0]["probability"]
+    if result["verdict"] == "not_a_dog":
+        return ("### This does not look like a dog\nIt is unlike every dog this model was trained on "
+                f"(were it one, its best guess would be {breed}, {probability:.0%}).")
+    if result["verdict"] == "unsure":
+        return (f"### Not sure which breed\nA dog, it seems, but maybe of a breed outside the {num_classes} "
+                f"this model knows: its best guess, {breed}, has only {probability:.0%}.")
+    return f"### {breed}\n{probability:.0%} sure."
+
+
 def build_ui(classifier, info: dict, args: ServeArgs):
     """The Gradio page: a photo in, the top 5 breeds out as bars, or an honest "not sure"."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a server
@@ -372,26 +472,20 @@ def build_ui(classifier, info: dict, args: ServeArgs):
     async def classify_photo(path):
         if not path:
             return "", None
-        with open(path, "rb") as handle:
-            encoded = handle.read()
+        with open(path, "rb") as handle:  # a path Gradio checked it received as an upload
+            encoded = handle.read(args.max_upload_bytes + 1)
         try:
             result = await classifier.classify.remote(encoded, DEFAULT_TOP_K)
         except ImageError as error:
             return f"### Cannot read this photo\n{error.reason}", None
-        top = result["predictions"][0]
-        if result["confident"]:
-            verdict = f"### {top['breed']}\n{top['probability']:.0%} sure."
-        else:
-            verdict = (
-                f"### Not sure — maybe not a dog, or a breed outside the {num_classes} this "
-                f"model knows\nIts best guess, {top['breed']}, has only {top['probability']:.0%}."
-            )
-        return verdict, {p["breed"]: p["probability"] for p in result["predictions"]}
+        return verdict_text(result, num_classes), {p["breed"]: p["probability"] for p in result["predictions"]}
 
     # System fonts: the default theme fetches Google Fonts, which an offline server may not reach.
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                            font_mono=["ui-monospace", "monospace"])
-    with gr.Blocks(title="dogbreeds", theme=theme) as ui:
+    # Uploads are deleted once older than upload_cache_max_age_s, checked every minute (or sooner).
+    delete_cache = (min(60, args.upload_cache_max_age_s), args.upload_cache_max_age_s)
+    with gr.Blocks(title="dogbreeds", theme=theme, delete_cache=delete_cache) as ui:
         gr.Markdown(
             f"# Which dog breed is this?\nUpload or paste a photo. Model {info['name']} "
             f"(version {info['version']}), {num_classes} breeds{accuracy}."
@@ -405,7 +499,8 @@ def build_ui(classifier, info: dict, args: ServeArgs):
         if args.examples_dir:
             gr.Examples(find_examples(args.examples_dir), inputs=photo, label="Example photos")
         photo.change(classify_photo, photo, [verdict, bars])
-    ui.queue(default_concurrency_limit=args.max_batch_size)  # UI photos batch like API ones
+    # UI photos batch like API ones; a full queue tells the page the service is busy.
+    ui.queue(default_concurrency_limit=args.max_batch_size, max_size=args.ui_queue_size)
     return ui
 
 
@@ -429,10 +524,12 @@ def build_app(args: ServeArgs) -> serve.Application:
     and `dogbreeds serve` all call it)."""
     if isinstance(args, dict):  # called directly rather than by Serve
         args = ServeArgs.model_validate(args)
-    if not os.path.isfile(os.path.join(args.bundle, "bundle.json")):
-        raise ValueError(f"not a dogbreeds bundle (no bundle.json): {args.bundle}")
+    from dogbreeds.export import check_bundle
+
     if args.examples_dir and not os.path.isdir(args.examples_dir):
         raise ValueError(f"examples folder not found: {args.examples_dir}")
+    check_bundle(args.bundle)  # digests, format and classes checked before Ray starts
+    read_api_token(args)
     args = args.model_copy(update={"bundle": os.path.abspath(args.bundle)})
     if args.max_replicas is not None:
         scaling = dict(
@@ -455,7 +552,8 @@ def build_app(args: ServeArgs) -> serve.Application:
     # No CPU reserved: the ingress only parses HTTP and waits on the classifier, and one
     # replica keeps Gradio's queue and its event streams in one process.
     return Ingress.options(
-        num_replicas=1, max_ongoing_requests=args.max_ongoing_requests, ray_actor_options={"num_cpus": 0}
+        num_replicas=1, max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests, ray_actor_options={"num_cpus": 0},
     ).bind(classifier, args)
 
 
@@ -471,9 +569,11 @@ HAPROXY_ENV = {
 }
 
 
-def start_serve(host: str, port: int, ray_address: str | None = None, haproxy: bool = False) -> None:
+def start_serve(host: str, port: int, ray_address: str | None = None, haproxy: bool = False,
+                request_timeout_s: float | None = None) -> None:
     """Connect to Ray (`ray_address`, or a new local Ray) and start Serve's HTTP proxy on
-    host:port, unless this process already runs them; `haproxy`: in Serve's HAProxy mode."""
+    host:port, unless this process already runs them; `haproxy`: in Serve's HAProxy mode;
+    `request_timeout_s`: the proxy ends longer requests."""
     import ray
 
     if haproxy:
@@ -483,7 +583,7 @@ def start_serve(host: str, port: int, ray_address: str | None = None, haproxy: b
     if not ray.is_initialized():
         # "local": a new Ray of our own, never a cluster that `ray start` left running.
         ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
 
 
 def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
@@ -492,7 +592,8 @@ def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, ray_a
     import ray
 
     application = build_app(args)  # bad arguments fail before Ray starts
-    start_serve(host, port, ray_address, haproxy)
+    # The proxy's own timeout, a little after the guard's, for what never reaches the ingress.
+    start_serve(host, port, ray_address, haproxy, args.request_timeout_s + 5)
     try:
         serve.run(application, name="dogbreeds", route_prefix="/")
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -56,6 +57,9 @@ def test_cluster_config_passes_rays_validation():
     assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
     assert all("RAY_AUTH_MODE=token" in c for c in (start, " ".join(prepared["worker_start_ray_commands"])))
     assert any("DOGBREEDS_STORAGE=/mnt/shared" in command for command in prepared["setup_commands"])
+    # Runs, bundles and Tune's pickled state: writable by the ray user alone, never world-writable.
+    storage = " ".join(prepared["initialization_commands"])
+    assert "chmod 700 /mnt/shared" in storage and not re.search(r"chmod [0-7]*[2367]\b", storage)
 
 
 @pytest.mark.parametrize("breakage", ["unknown key", "min above max", "no such head type"])

@@ -1,0 +1,178 @@
+"""Novelty, for real: bundles trained and exported here carry their reference features and
+threshold, keep the validation dogs they were calibrated on, flag most photos that are not
+dogs, and give every photo one of the three verdicts (cnn3v2 bundles included)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from dogbreeds import cli, data, novelty
+from dogbreeds.config import DataConfig, from_dict
+from tests.conftest import NOT_DOGS_DIR, SHARED, TINY_DIR
+
+NOT_DOGS_64_DIR = SHARED / "data" / "not_dogs_64"
+OTHER_DOGS_DIR = SHARED / "data" / "other_dogs"
+# Measured on one-epoch mobilenet_025 bundles at 128 px: 66.5% of not_dogs_64 flagged with 95%
+# of validation dogs kept (the backbone is frozen, so the features do not depend on the head's
+# training). The bound leaves margin for another seed or machine.
+NOT_DOGS_64_BOUND = 0.55
+
+
+# ---------------------------------------------------------------------------------------------
+# The scores and verdicts on their own: plain arrays, no model.
+
+
+def test_a_reference_photo_is_its_own_nearest_neighbour():
+    generator = np.random.default_rng(0)
+    features = np.abs(generator.normal(size=(30, 8))).astype(np.float32)
+    reference = {"features": novelty.normalize(features), "neighbours": np.asarray(1)}
+    np.testing.assert_allclose(novelty.novelty_scores(features * 3, reference), 0, atol=1e-6)
+    far = -features[:1]  # the opposite direction: cosine -1 to its twin
+    assert novelty.novelty_scores(far, reference)[0] > 1
+
+
+def test_the_kth_neighbour_sets_the_score():
+    reference = {"features": np.eye(3, dtype=np.float16), "neighbours": np.asarray(2)}
+    # Similarities 0.8, 0.6, 0 (after normalising): the 2nd nearest is at distance 0.4.
+    scores = novelty.novelty_scores(np.array([[5.0, 3.75, 0.0]]), reference)
+    np.testing.assert_allclose(scores, [0.4], atol=1e-3)
+
+
+def test_verdicts_follow_the_threshold_then_the_confidence():
+    probabilities = np.array([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.5, 0.5], [0.9, 0.1]])
+    scores = np.array([0.1, 0.3, 0.31, 0.2, 0.5])
+    found = novelty.verdicts(probabilities, scores, threshold=0.3, confidence_threshold=0.6)
+    assert found.tolist() == ["breed", "breed", "not_a_dog", "unsure", "not_a_dog"]
+
+
+def test_reference_positions_cap_each_class_and_are_seeded():
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
+    chosen = novelty.reference_positions(labels, 4, seed=0)
+    assert np.bincount(labels[chosen]).tolist() == [4, 3, 4]
+    assert chosen.tolist() == novelty.reference_positions(labels, 4, seed=0).tolist()
+    assert novelty.reference_positions(labels, None, seed=0).tolist() == list(range(20))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real bundles: mobilenet_025 on the real backbone and cnn3v2 from scratch, one epoch each.
+
+
+def _train_and_export(runs, name: str, options: list[str], cache_dir: str) -> str:
+    train = ["train", name, "--data-dir", str(TINY_DIR), "--epochs", "1", "--workers", "1",
+             *options, "--output", f"{runs}/{name}", "--cache-dir", cache_dir]
+    assert cli.main(train) == 0
+    assert cli.main(["export", f"{runs}/{name}", "--output", f"{runs}/{name}-bundle"]) == 0
+    return f"{runs}/{name}-bundle"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(ray_cluster, mobilenet_bundle_dir):
+    """The session's mobilenet_025 bundle (tests/conftest.py)."""
+    return mobilenet_bundle_dir
+
+
+@pytest.fixture(scope="module")
+def cnn3v2_bundle_dir(ray_cluster, cache_dir, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("novelty-cnn3v2")
+    return _train_and_export(runs, "cnn3v2", ["--image-size", "64"], cache_dir)
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir):
+    from dogbreeds.export import load_bundle
+
+    return load_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def rates(bundle_dir):
+    return novelty.measure_rates(bundle_dir, [str(NOT_DOGS_64_DIR), str(NOT_DOGS_DIR)], [str(OTHER_DOGS_DIR)])
+
+
+def _check_novelty_files(bundle_dir: str, layer: str, num_classes: int) -> dict:
+    with open(os.path.join(bundle_dir, "bundle.json")) as handle:
+        info = json.load(handle)["novelty"]
+    assert info["method"] == novelty.METHOD and info["layer"] == layer
+    assert info["keep_quantile"] == novelty.KEEP_QUANTILE and np.isfinite(info["threshold"])
+    with np.load(os.path.join(bundle_dir, "novelty.npz"), allow_pickle=False) as reference:
+        assert reference["features"].dtype == np.float16
+        assert reference["features"].shape == (info["reference_size"], info["feature_dim"])
+        counts = np.bincount(reference["labels"], minlength=num_classes)
+        assert counts.max() <= info["reference_per_class"] and (counts > 0).all()
+        assert int(reference["neighbours"]) == info["neighbours"]
+    return info
+
+
+@pytest.mark.slow
+def test_the_bundle_holds_its_reference_and_threshold(bundle_dir, bundle):
+    info = _check_novelty_files(bundle_dir, "head", len(bundle.class_names))
+    assert info["feature_dim"] == 256  # MobileNet 0.25's pooled features, the head's input
+    assert info["validation_kept"] >= novelty.KEEP_QUANTILE
+
+
+def _validation_images(bundle) -> np.ndarray:
+    """The bundle's validation split, rebuilt from the configuration it records."""
+    config = from_dict(DataConfig, bundle.info["config"]["data"])
+    split = data.load_index(config).splits["validation"]
+    return data.load_images(split, bundle.image_size, config)[0]
+
+
+@pytest.mark.slow
+def test_validation_dogs_are_kept_as_calibrated(bundle):
+    images = _validation_images(bundle)
+    probabilities, scores = bundle.predict_with_novelty(images)
+    assert np.mean(scores <= bundle.novelty_info["threshold"]) >= novelty.KEEP_QUANTILE
+    # One forward pass gives the probabilities `predict` gives.
+    np.testing.assert_allclose(probabilities, bundle.predict_arrays(images), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_most_photos_that_are_not_dogs_are_flagged_and_test_dogs_are_kept(rates):
+    assert rates["not_dogs"]["not_dogs_64"]["photos"] == 388
+    assert rates["not_dogs"]["not_dogs_64"]["not_a_dog_rate"] >= NOT_DOGS_64_BOUND
+    assert rates["dogs"]["test"]["kept"] >= 0.95
+    assert rates["dogs"]["validation"]["kept"] >= novelty.KEEP_QUANTILE
+
+
+@pytest.mark.slow
+def test_every_photo_gets_one_of_the_three_verdicts(bundle, rates):
+    for group in ("dogs", "not_dogs", "other"):
+        for found in rates[group].values():
+            assert sum(found[verdict] for verdict in novelty.VERDICTS) == found["photos"]
+    images = novelty.folder_images(bundle, str(NOT_DOGS_DIR))
+    found = bundle.verdicts(*bundle.predict_with_novelty(images))
+    assert found.shape == (len(images),) and set(found) <= set(novelty.VERDICTS)
+
+
+@pytest.mark.slow
+def test_a_cnn3v2_bundle_gets_verdicts_too(cnn3v2_bundle_dir):
+    from dogbreeds.export import load_bundle
+
+    cnn3v2 = load_bundle(cnn3v2_bundle_dir)
+    info = _check_novelty_files(cnn3v2_bundle_dir, "predictions", len(cnn3v2.class_names))
+    assert info["feature_dim"] == 128  # the input of the final Dense layer
+    images = np.concatenate([_validation_images(cnn3v2), novelty.folder_images(cnn3v2, str(NOT_DOGS_DIR))])
+    probabilities, scores = cnn3v2.predict_with_novelty(images)
+    assert probabilities.shape == (len(images), 6) and scores.shape == (len(images),)
+    assert np.mean(scores[:-10] <= info["threshold"]) >= novelty.KEEP_QUANTILE
+    # The verdicts, spelled out: flagged above the threshold, else sure or not of the breed.
+    expected = np.where(scores > info["threshold"], "not_a_dog",
+                        np.where(probabilities.max(axis=1) >= 0.5, "breed", "unsure"))
+    assert cnn3v2.verdicts(probabilities, scores, 0.5).tolist() == expected.tolist()
+
+
+@pytest.mark.slow
+def test_a_changed_reference_is_refused_before_loading(bundle_dir, tmp_path):
+    from dogbreeds.export import BundleError, load_bundle
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    with np.load(copy / "novelty.npz", allow_pickle=False) as arrays:
+        reference = dict(arrays)
+    reference["features"] = np.ones_like(reference["features"])  # every photo a "dog"
+    np.savez(copy / "novelty.npz", **reference)
+    with pytest.raises(BundleError, match="novelty.npz does not match the sha256"):
+        load_bundle(str(copy))
