@@ -38,7 +38,8 @@ MULTIPART_SLACK_BYTES = 64 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """The bounds the guard enforces (`serve.ServeArgs` documents each and its default)."""
+    """The bounds the guard enforces: the `serve.ServeArgs` fields of the same names, which
+    document each and its default."""
 
     max_upload_bytes: int
     max_request_bytes: int

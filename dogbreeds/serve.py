@@ -20,6 +20,7 @@ never joins a batch.
 """
 
 import asyncio
+import dataclasses
 import io
 import math
 import os
@@ -85,7 +86,8 @@ class ServeArgs(pydantic.BaseModel):
     # the ingress admits them); more get 503.
     max_queued_requests: int = pydantic.Field(1024, ge=1)
     # Requests in flight from one client address; more get 429, so one client cannot take all
-    # (a browser opens at most 6 connections to a site, and one event stream).
+    # (a browser opens at most 6 connections to a site, and one event stream). `--haproxy`
+    # hides client addresses, so there the default is max_ongoing_requests.
     max_requests_per_client: int = pydantic.Field(16, ge=1)
     # Largest headers and query string of a request, in bytes (browsers send a few KB): more is 431.
     max_header_bytes: int = pydantic.Field(32 * 1024, ge=1024)
@@ -422,13 +424,7 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
     # Gradio checks that a file named in an API call was uploaded only once its app counts as
     # launched, which mounting never marks: without this, any server file could be read.
     ui.has_launched = True
-    limits = guard.Limits(
-        max_upload_bytes=args.max_upload_bytes, max_request_bytes=args.max_request_bytes,
-        max_header_bytes=args.max_header_bytes,
-        max_files_per_request=args.max_files_per_request, max_requests_per_client=args.max_requests_per_client,
-        body_timeout_s=args.body_timeout_s, request_timeout_s=args.request_timeout_s,
-        allowed_hosts=args.allowed_hosts,
-    )
+    limits = guard.Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(guard.Limits)})
     app.add_middleware(guard.Guard, limits=limits, token=token)
     return app
 
@@ -591,6 +587,10 @@ def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, ray_a
     """`dogbreeds serve`: deploy the app, print its URL and serve until interrupted."""
     import ray
 
+    if haproxy and "max_requests_per_client" not in args.model_fields_set:
+        # Ray's HAProxy does not forward client addresses: every request comes from HAProxy,
+        # so a bound per client would bound them all together.
+        args = args.model_copy(update={"max_requests_per_client": args.max_ongoing_requests})
     application = build_app(args)  # bad arguments fail before Ray starts
     # The proxy's own timeout, a little after the guard's, for what never reaches the ingress.
     start_serve(host, port, ray_address, haproxy, args.request_timeout_s + 5)

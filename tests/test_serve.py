@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zlib
 
 import numpy as np
@@ -473,6 +474,9 @@ def test_dogbreeds_serve_command_prints_its_url_and_answers_the_readme_curl(bund
         answer = _run_readme_curl(port)
         assert len(answer["predictions"]) == 3 and answer["predictions"][0]["breed"]
         assert (_listener(port) == "haproxy") == haproxy
+        # Behind HAProxy every client has HAProxy's address: no bound per client but the total.
+        serving = json.loads(urllib.request.urlopen(f"{url}/model", timeout=60).read())["serving"]
+        assert serving["max_requests_per_client"] == (serving["max_ongoing_requests"] if haproxy else 16)
         # The Gradio UI's own API (its event queue, streamed) answers through either proxy.
         import gradio_client
 
