@@ -183,18 +183,6 @@ def _tune_train_trial(config, data_config, train_config, run_dir):
 SERVE_BENCH_APP = "dogbreeds-bench"
 
 
-def _photo_files(folder: str) -> list[str]:
-    """Every photo under `folder`, sorted."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"photo folder not found: {folder}")
-    return sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if name.lower().endswith(data.IMAGE_EXTENSIONS)
-    )
-
-
 async def _serve_load(url: str, photos: list[bytes], concurrency: int, duration_s: float) -> dict:
     """`concurrency` clients posting photos back to back for `duration_s`."""
     import asyncio
@@ -295,7 +283,7 @@ def bench_serve(
     from dogbreeds.export import load_bundle
     from dogbreeds.serve import ServeArgs, build_app, start_serve
 
-    paths = _photo_files(photo_dir)[:64]
+    paths = data.photo_files(photo_dir)[:64]
     if not paths:
         raise ValueError(f"no photos in {photo_dir}")
     photos = []

@@ -82,6 +82,19 @@ def load_index(config: DataConfig) -> DatasetIndex:
     return index
 
 
+def photo_files(folder: str) -> list[str]:
+    """Every photo under `folder` (any depth, by IMAGE_EXTENSIONS), sorted: folders of photos
+    that are not a dataset (benchmarks, the not-a-dog measurement)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"photo folder not found: {folder}")
+    return sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
 def _folder_index(config: DataConfig) -> DatasetIndex:
     root = os.path.abspath(os.path.expanduser(config.data_dir))
     if not os.path.isdir(root):

@@ -44,7 +44,7 @@ REFERENCE_PER_CLASS = 100
 REFERENCE_DTYPE = np.float16
 # Photos per forward pass while calibrating: bounded memory at 299 px on a CPU.
 BATCH_SIZE = 64
-# Below this top probability a dog's breed is "unsure" (ServeArgs' default, in one place here).
+# Below this top probability a dog's breed is "unsure" (ServeArgs.confidence_threshold's default).
 CONFIDENCE_THRESHOLD = 0.5
 # Transfer models nest their trainable head under this name; its input is the pooled features.
 HEAD_LAYER = "head"
@@ -203,12 +203,7 @@ def folder_images(bundle, folder: str) -> np.ndarray:
     serving prepares an uploaded photo."""
     from dogbreeds import data
 
-    paths = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if name.lower().endswith(data.IMAGE_EXTENSIONS)
-    )
+    paths = data.photo_files(folder)
     if not paths:
         raise ValueError(f"no photos in {folder}")
     images = []

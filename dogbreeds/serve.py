@@ -34,6 +34,8 @@ import numpy as np
 import pydantic
 from ray import serve
 
+from dogbreeds import novelty
+
 # What Pillow identifies and TensorFlow's decoder reads (MPO is a camera's multi-picture JPEG).
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
 SUPPORTED_NAMES = "JPEG, PNG, GIF, BMP or WebP"
@@ -76,7 +78,7 @@ class ServeArgs(pydantic.BaseModel):
     # Photos one classifier replica decodes at once: a 50 MP photo takes ~0.6 GB while it does.
     max_concurrent_decodes: int = pydantic.Field(2, ge=1)
     # Below this top probability the answer is `unsure` instead of a breed.
-    confidence_threshold: float = pydantic.Field(0.5, ge=0, le=1)
+    confidence_threshold: float = pydantic.Field(novelty.CONFIDENCE_THRESHOLD, ge=0, le=1)
     # A folder of photos the UI offers as examples (up to 6, one per sub-folder); None: none.
     examples_dir: Optional[str] = None
     # Requests one ingress replica handles at once; Gradio's open event streams count too. A
