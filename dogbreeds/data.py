@@ -331,7 +331,9 @@ def decode_and_resize(encoded: bytes | tf.Tensor, image_size: int) -> np.ndarray
 
 
 def _decode_resize_fn(image_size: int):
-    return build_ops(f"decode|resize({image_size})")
+    from dogbreeds.models import input_chain
+
+    return build_ops(input_chain(image_size))
 
 
 # ---------------------------------------------------------------------------------------------

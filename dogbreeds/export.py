@@ -38,7 +38,7 @@ import zipfile
 
 import numpy as np
 
-from dogbreeds import novelty
+from dogbreeds import models, novelty
 
 # 2: bundle.json records the sha256 of every file (`files`), checked before anything loads.
 BUNDLE_FORMAT = 2
@@ -84,8 +84,6 @@ def export_bundle(run_dir: str, bundle_dir: str, name: str | None = None) -> dic
         metrics = json.load(handle)
     with open(os.path.join(run_dir, "config.json")) as handle:
         config = json.load(handle)
-    from dogbreeds import models
-
     spec = models.get_model_spec(metrics["model"])
     bundle_dir = os.path.abspath(bundle_dir)
     temporary = f"{bundle_dir}.tmp-{uuid.uuid4().hex[:8]}"
@@ -99,7 +97,7 @@ def export_bundle(run_dir: str, bundle_dir: str, name: str | None = None) -> dic
             "model": metrics["model"],
             "class_names": metrics["class_names"],
             "preprocessing": {
-                "chain": f"decode|resize({metrics['image_size']})",
+                "chain": models.input_chain(metrics["image_size"]),
                 "image_size": metrics["image_size"],
                 "input": "RGB uint8 pixels as float32 in [0, 255]; the model scales them itself",
                 "scaling": spec.scaling,
@@ -307,8 +305,8 @@ def read_bundle_info(bundle_dir: str) -> dict:
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         fail("class_names is not a list of breed names")
     if not (isinstance(preprocessing, dict) and isinstance(preprocessing.get("image_size"), int)
-            and 8 <= preprocessing["image_size"] <= 1024
-            and preprocessing.get("chain") == f"decode|resize({preprocessing['image_size']})"):
+            and models.MIN_IMAGE_SIZE <= preprocessing["image_size"] <= models.MAX_IMAGE_SIZE
+            and preprocessing.get("chain") == models.input_chain(preprocessing["image_size"])):
         fail("preprocessing is not `decode|resize(S)` with S the image size")
     files = info.get("files")
     if not isinstance(files, dict) or MODEL_FILE not in files:

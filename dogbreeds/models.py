@@ -18,7 +18,23 @@ import fnmatch
 import os
 from typing import Any, Callable, Mapping
 
-import tf_keras as keras
+
+
+class _LazyKeras:
+    """tf_keras, imported on first use: the registry (`dogbreeds models`, the CLI's checks)
+    is read without loading TensorFlow, which takes seconds."""
+
+    def __getattr__(self, name):
+        import tf_keras
+
+        return getattr(tf_keras, name)
+
+
+keras = _LazyKeras()
+
+# The input sizes a model may be asked for: below 8 px the CNNs' pools leave nothing, and above
+# 1024 px one photo's activations alone fill a GPU.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 
 # How a model scales [0, 255] pixels. "symmetric" is what `preprocess_input` does for
 # Xception, ResNet50V2 and MobileNet ("tf" mode: x / 127.5 - 1); feeding those backbones
@@ -82,6 +98,36 @@ def resolve_hparams(name: str, hparams: Mapping[str, Any] | Any | None = None) -
     return {**spec.hparams, **values}
 
 
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """What a model is fed, resolved once (timm's `resolve_data_config`): raw RGB [0, 255]
+    at `image_size`, decoded and resized by the op chain `chain` (data.py's ops); `scaling`
+    is done by the model's own first layer. Training, evaluation, export and serving ask here."""
+
+    model: str
+    image_size: int
+    scaling: str
+
+    @property
+    def chain(self) -> str:
+        return input_chain(self.image_size)
+
+
+def input_chain(image_size: int) -> str:
+    """The op chain that turns an encoded photo into a model's input: the only place it is spelled."""
+    return f"decode|resize({image_size})"
+
+
+def resolve_input(name: str, image_size: int | None = None) -> InputConfig:
+    """A model's input: `image_size` (the command line's) over the model's own; a size out of
+    [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE] is an error."""
+    spec = get_model_spec(name)
+    size = spec.image_size if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image size must be a whole number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}")
+    return InputConfig(name, size, spec.scaling)
+
+
 def create_model(
     name: str,
     num_classes: int = 120,
@@ -90,10 +136,8 @@ def create_model(
     hparams: Mapping[str, Any] | Any | None = None,
 ) -> keras.Model:
     """Build a registered model taking [0, 255] RGB images of `image_size` (default: its own)."""
-    spec = get_model_spec(name)
-    image_size = image_size or spec.image_size
-    model = spec.build(resolve_hparams(name, hparams), num_classes, image_size, weights)
-    return model
+    image_size = resolve_input(name, image_size).image_size
+    return get_model_spec(name).build(resolve_hparams(name, hparams), num_classes, image_size, weights)
 
 
 def build_scaling(scaling: str) -> keras.layers.Layer:

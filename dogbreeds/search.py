@@ -425,7 +425,7 @@ def search_head(
     output = os.path.abspath(output)
     os.makedirs(output, exist_ok=True)
     data_config, train_config = absolute_paths(data_config, train_config)
-    image_size = data_config.image_size or spec.image_size
+    image_size = models.resolve_input(train_config.model, data_config.image_size).image_size
     index = data.load_index(data_config)
     features = cache_features(
         index, train_config.model, train_config.weights, image_size, views, data_config,

@@ -85,8 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         pass  # TensorFlow already started in this process: keep its pools
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
-    spec = models.get_model_spec(train_config.model)
-    image_size = data_config.image_size or spec.image_size
+    image_size = models.resolve_input(train_config.model, data_config.image_size).image_size
     index = data.load_index(data_config)
     train_images, train_labels, skipped = data.load_images(
         index.splits["train"], image_size, data_config, rank, world_size
