@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 
@@ -23,31 +24,25 @@ def _rate(count: int, seconds: float) -> float:
 
 def bench_pipeline(config: DataConfig, image_size: int) -> dict:
     """Images/s of: a bare PIL loop; the pipeline's first (decoding) pass; its cached pass;
-    and a training epoch from the cache with augmentation, over every file of the dataset."""
-    from PIL import Image
+    and a training epoch from the cache with augmentation, over every file of the dataset.
 
+    The decoding pass runs on an empty cache of its own, whatever ran before; its result then
+    goes into `config.cache_dir` (the JSON's `cache_dir`), which the cached pass reads."""
+    from dogbreeds.models import check_image_size
+
+    check_image_size(image_size)
     index = data.load_index(config)
     splits = list(index.splits.values())
     split = data.Split(
         [key for s in splits for key in s.keys],
         np.concatenate([s.labels for s in splits]),
+        "every split",
     )
-
+    bare_seconds = _time_bare_pil_loop(split.keys, image_size)
+    (images, labels, skipped), decode_seconds = _time_cold_decode(split, image_size, config)
     started = time.perf_counter()
-    for path in split.keys:
-        with Image.open(path) as image:
-            image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-    bare_seconds = time.perf_counter() - started
-
-    with tempfile.TemporaryDirectory() as cache_dir:  # a cold cache, whatever ran before
-        cold = dataclasses.replace(config, cache_dir=cache_dir)
-        data.load_images(split.take(range(8)), image_size, cold)  # TensorFlow's warm-up
-        started = time.perf_counter()
-        images, labels, skipped = data.load_images(split, image_size, cold)
-        decode_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        data.load_images(split, image_size, cold)
-        cached_seconds = time.perf_counter() - started
+    data.load_images(split, image_size, config)
+    cached_seconds = time.perf_counter() - started
 
     dataset = data.make_dataset(images, labels, index.num_classes, 32, config, training=True)
     started = time.perf_counter()
@@ -62,6 +57,7 @@ def bench_pipeline(config: DataConfig, image_size: int) -> dict:
         "num_files": count_files,
         "skipped": len(skipped),
         "cpu_count": os.cpu_count(),
+        "cache_dir": os.path.abspath(config.cache_dir),
         "bare_pil_loop_images_per_s": _rate(count_files, bare_seconds),
         "pipeline_decode_images_per_s": _rate(count_files, decode_seconds),
         "pipeline_cached_load_images_per_s": _rate(count_files, cached_seconds),
@@ -70,20 +66,46 @@ def bench_pipeline(config: DataConfig, image_size: int) -> dict:
     }
 
 
-def bench_heads(data_config: DataConfig, model: str, weights, image_size: int, views: int,
+def _time_bare_pil_loop(paths: list[str], image_size: int) -> float:
+    """Seconds a plain PIL open-convert-resize loop takes over `paths`."""
+    from PIL import Image
+
+    started = time.perf_counter()
+    for path in paths:
+        with Image.open(path) as image:
+            image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    return time.perf_counter() - started
+
+
+def _time_cold_decode(split: data.Split, image_size: int, config: DataConfig):
+    """(load_images' result, seconds) of decoding `split` on an empty cache, after a warm-up;
+    the cache file it wrote is then moved into `config.cache_dir`."""
+    with tempfile.TemporaryDirectory() as cache_dir:  # a cold cache, whatever ran before
+        cold = dataclasses.replace(config, cache_dir=cache_dir)
+        data.load_images(split.take(range(8)), image_size, cold)  # TensorFlow's warm-up
+        started = time.perf_counter()
+        result = data.load_images(split, image_size, cold)
+        seconds = time.perf_counter() - started
+        os.makedirs(config.cache_dir, exist_ok=True)
+        shutil.move(data.cache_file(split, image_size, cache_dir), data.cache_file(split, image_size, config.cache_dir))
+    return result, seconds
+
+
+def bench_heads(data_config: DataConfig, model: str, weights, image_size: int | None, views: int,
                 trials: int, epochs: int) -> dict:
     """The same head trials (hyperparameters, epochs, augmented views) trained on cached
     features and end to end on the photos, in one run; plus the features' one-off cost and
-    the per-trial overhead of Tune + Train over a bare `model.fit` of the same trial."""
+    the per-trial overhead of Tune + Train over a bare `model.fit` of the same trial.
+    `image_size` None is the model's own (`models.resolve_input`)."""
     import ray
-    import tf_keras as keras
-    from ray import tune
 
-    from dogbreeds import models, search
     from dogbreeds.config import TrainConfig
     from dogbreeds.features import cache_features
-    from dogbreeds.train import absolute_paths, compile_model
+    from dogbreeds.models import check_weights, resolve_input
+    from dogbreeds.train import absolute_paths
 
+    image_size = resolve_input(model, image_size).image_size
+    check_weights(model, weights, image_size)
     if not ray.is_initialized():
         ray.init()
     data_config = dataclasses.replace(data_config, image_size=image_size, augmented_views=views)
@@ -92,59 +114,18 @@ def bench_heads(data_config: DataConfig, model: str, weights, image_size: int, v
     data_config, train_config = absolute_paths(data_config, train_config)
     weights = train_config.weights
     index = data.load_index(data_config)
-    hp, _ = search.load_space("transfer_head")
-    space = search.to_tune_space(hp)
-    random_state = np.random.RandomState(data_config.seed)
-    configs = [
-        search.active_values(hp, {name: domain.sample(random_state=random_state) if isinstance(domain, tune.search.sample.Domain) else domain for name, domain in space.items()})
-        for _ in range(trials)
-    ]
-    train_images, train_labels, _ = data.load_images(index.splits["train"], image_size, data_config)
-    val_images, val_labels, _ = data.load_images(index.splits["validation"], image_size, data_config)
+    configs = _sample_head_configs(trials, data_config.seed)
+    train = data.load_images(index.splits["train"], image_size, data_config)[:2]
+    validation = data.load_images(index.splits["validation"], image_size, data_config)[:2]
 
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
         features = cache_features(index, model, weights, image_size, views, data_config, os.path.join(scratch, "features"))
         cache_seconds = time.perf_counter() - started
-
-        cached_seconds, cached_accuracy = [], []
-        for number, values in enumerate(configs):
-            trial_dir = os.path.join(scratch, f"cached{number}")
-            os.makedirs(trial_dir)
-            started = time.perf_counter()
-            _, history = search.fit_head(values, train_config, features, index.num_classes, trial_dir)
-            cached_seconds.append(time.perf_counter() - started)
-            cached_accuracy.append(history[-1]["val_accuracy"])
-
-        end_to_end_seconds, end_to_end_accuracy = [], []
-        for values in configs:
-            head_hparams, overrides = search.split_values(model, values)
-            trial_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
-            started = time.perf_counter()
-            keras.utils.set_random_seed(trial_config.seed)
-            network = models.create_model(model, index.num_classes, image_size, weights, head_hparams)
-            compile_model(network, trial_config)
-            fitted = network.fit(
-                data.make_dataset(train_images, train_labels, index.num_classes, trial_config.per_worker_batch_size, data_config, training=True),
-                validation_data=data.make_dataset(val_images, val_labels, index.num_classes, trial_config.per_worker_batch_size, data_config),
-                epochs=epochs, verbose=0,
-            )
-            end_to_end_seconds.append(time.perf_counter() - started)
-            end_to_end_accuracy.append(fitted.history["val_accuracy"][-1])
-
-        # The first trial again, end to end as a search runs it: a Tune trial whose driver
-        # launches a Ray Train run (1 worker).
-        head_hparams, overrides = search.split_values(model, configs[0])
-        trial_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
-        trainable = tune.with_parameters(_tune_train_trial, data_config=data_config, train_config=trial_config, run_dir=os.path.join(scratch, "tune_train"))
-        started = time.perf_counter()
-        results = tune.Tuner(
-            tune.with_resources(trainable, {"CPU": 0.01}),
-            run_config=tune.RunConfig(storage_path=os.path.join(scratch, "tune"), name="bench"),
-        ).fit()
-        ray_train_seconds = time.perf_counter() - started
-        if results.errors:
-            raise RuntimeError(f"the Tune + Train trial failed: {results.errors[0]}")
+        cached_seconds, cached_accuracy = _time_cached_trials(configs, train_config, features, index.num_classes, scratch)
+        end_to_end_seconds, end_to_end_accuracy = _time_end_to_end_trials(
+            configs, train_config, data_config, index.num_classes, train, validation)
+        ray_train_seconds = _time_tune_train_trial(configs[0], train_config, data_config, scratch)
 
     cached_total, end_to_end_total = sum(cached_seconds), sum(end_to_end_seconds)
     return {
@@ -154,7 +135,7 @@ def bench_heads(data_config: DataConfig, model: str, weights, image_size: int, v
         "views": views,
         "trials": trials,
         "epochs": epochs,
-        "num_train_images": len(train_images),
+        "num_train_images": len(train[0]),
         "cpu_count": os.cpu_count(),
         "feature_cache_seconds": round(cache_seconds, 2),
         "cached_trials_seconds": round(cached_total, 2),
@@ -167,6 +148,85 @@ def bench_heads(data_config: DataConfig, model: str, weights, image_size: int, v
         "tune_train_seconds_first_trial": round(ray_train_seconds, 2),
         "tune_train_overhead_seconds_per_trial": round(ray_train_seconds - end_to_end_seconds[0], 2),
     }
+
+
+def _sample_head_configs(trials: int, seed: int) -> list[dict]:
+    """`trials` seeded samples of the transfer_head search space, as a search draws them."""
+    from ray import tune
+
+    from dogbreeds import search
+
+    hp, _ = search.load_space("transfer_head")
+    space = search.to_tune_space(hp)
+    random_state = np.random.RandomState(seed)
+    return [
+        search.active_values(hp, {name: domain.sample(random_state=random_state) if isinstance(domain, tune.search.sample.Domain) else domain for name, domain in space.items()})
+        for _ in range(trials)
+    ]
+
+
+def _time_cached_trials(configs, train_config, features: dict, num_classes: int, scratch: str):
+    """(seconds, final validation accuracy) of each head trial on the cached features."""
+    from dogbreeds import search
+
+    seconds, accuracy = [], []
+    for number, values in enumerate(configs):
+        trial_dir = os.path.join(scratch, f"cached{number}")
+        os.makedirs(trial_dir)
+        started = time.perf_counter()
+        _, history = search.fit_head(values, train_config, features, num_classes, trial_dir)
+        seconds.append(time.perf_counter() - started)
+        accuracy.append(history[-1]["val_accuracy"])
+    return seconds, accuracy
+
+
+def _time_end_to_end_trials(configs, train_config, data_config: DataConfig, num_classes: int, train, validation):
+    """(seconds, final validation accuracy) of each head trial as a whole model (frozen
+    backbone and head) fitted on the photos by a bare `model.fit`."""
+    import tf_keras as keras
+
+    from dogbreeds import models, search
+    from dogbreeds.train import compile_model
+
+    model, image_size = train_config.model, train[0].shape[1]
+    seconds, accuracy = [], []
+    for values in configs:
+        head_hparams, overrides = search.split_values(model, values)
+        trial_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
+        started = time.perf_counter()
+        keras.utils.set_random_seed(trial_config.seed)
+        network = models.create_model(model, num_classes, image_size, train_config.weights, head_hparams)
+        compile_model(network, trial_config)
+        batch_size = trial_config.per_worker_batch_size
+        fitted = network.fit(
+            data.make_dataset(*train, num_classes, batch_size, data_config, training=True),
+            validation_data=data.make_dataset(*validation, num_classes, batch_size, data_config),
+            epochs=train_config.epochs, verbose=0,
+        )
+        seconds.append(time.perf_counter() - started)
+        accuracy.append(fitted.history["val_accuracy"][-1])
+    return seconds, accuracy
+
+
+def _time_tune_train_trial(values: dict, train_config, data_config: DataConfig, scratch: str) -> float:
+    """Seconds of one head trial end to end as a search runs it: a Tune trial whose driver
+    launches a Ray Train run (1 worker)."""
+    from ray import tune
+
+    from dogbreeds import search
+
+    head_hparams, overrides = search.split_values(train_config.model, values)
+    trial_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
+    trainable = tune.with_parameters(_tune_train_trial, data_config=data_config, train_config=trial_config, run_dir=os.path.join(scratch, "tune_train"))
+    started = time.perf_counter()
+    results = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0.01}),
+        run_config=tune.RunConfig(storage_path=os.path.join(scratch, "tune"), name="bench"),
+    ).fit()
+    seconds = time.perf_counter() - started
+    if results.errors:
+        raise RuntimeError(f"the Tune + Train trial failed: {results.errors[0]}")
+    return seconds
 
 
 def _tune_train_trial(config, data_config, train_config, run_dir):
@@ -275,23 +335,14 @@ def bench_serve(
     unbatched (the same replicas), against a bare `model.predict` at the same batch size.
 
     Runs on the Ray and Serve of this process if there are, else starts them locally (in
-    Serve's HAProxy mode with `haproxy`)."""
-    import asyncio
+    Serve's HAProxy mode with `haproxy`). A broken bundle or an empty photo folder is a
+    ValueError before Ray starts."""
+    from dogbreeds.export import check_bundle
+    from dogbreeds.serve import ServeArgs, start_serve
 
-    from ray import serve
-
-    from dogbreeds.export import load_bundle
-    from dogbreeds.serve import ServeArgs, build_app, start_serve
-
-    paths = data.photo_files(photo_dir)[:64]
-    if not paths:
-        raise ValueError(f"no photos in {photo_dir}")
-    photos = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            photos.append(handle.read())
+    check_bundle(bundle_dir)
+    photos = _read_photos(photo_dir)
     start_serve("127.0.0.1", port, haproxy=haproxy)
-    url = f"http://127.0.0.1:{port}/bench/predict"
     result = {
         "benchmark": "serve",
         "bundle": os.path.abspath(bundle_dir),
@@ -309,42 +360,74 @@ def bench_serve(
         args = ServeArgs(bundle=bundle_dir, max_batch_size=batch_size, batch_wait_ms=batch_wait_ms,
                          num_replicas=num_replicas, num_cpus_per_replica=num_cpus_per_replica,
                          max_requests_per_client=2 * max(concurrencies) + 8)
-        serve.run(build_app(args), name=SERVE_BENCH_APP, route_prefix="/bench")
-        try:
-            asyncio.run(_serve_load(url, photos, max(concurrencies), min(duration_s, 2.0)))  # warm-up
-            result[mode] = {
-                str(concurrency): _measure_load(url, photos, concurrency, duration_s)
-                for concurrency in concurrencies
-            }
-        finally:
-            serve.delete(SERVE_BENCH_APP)
+        result[mode] = _measure_deployment(args, f"http://127.0.0.1:{port}/bench/predict", photos, concurrencies, duration_s)
+    result.update(_measure_bare(bundle_dir, photos, max_batch_size, duration_s))
+    result.update(_serve_over_bare(result, max(concurrencies)))
+    return result
 
-    # Bare, in this process, with Serve idle: Keras' model.predict, the same traced graph the
-    # classifier runs (probabilities and novelty scores), and that graph after the bundle's
-    # decoding, all on one full batch.
+
+def _read_photos(photo_dir: str, count: int = 64) -> list[bytes]:
+    """The encoded bytes of the first `count` photos of a folder; none is a ValueError."""
+    paths = data.photo_files(photo_dir)[:count]
+    if not paths:
+        raise ValueError(f"no photos in {photo_dir}")
+    photos = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            photos.append(handle.read())
+    return photos
+
+
+def _measure_deployment(args, url: str, photos: list[bytes], concurrencies, duration_s: float) -> dict:
+    """Deploy the app of `args`, warm it up, measure the load at each concurrency, delete it."""
+    import asyncio
+
+    from ray import serve
+
+    from dogbreeds.serve import build_app
+
+    serve.run(build_app(args), name=SERVE_BENCH_APP, route_prefix="/bench")
+    try:
+        asyncio.run(_serve_load(url, photos, max(concurrencies), min(duration_s, 2.0)))  # warm-up
+        return {str(concurrency): _measure_load(url, photos, concurrency, duration_s) for concurrency in concurrencies}
+    finally:
+        serve.delete(SERVE_BENCH_APP)
+
+
+def _measure_bare(bundle_dir: str, photos: list[bytes], max_batch_size: int, duration_s: float) -> dict:
+    """Bare, in this process, with Serve idle: Keras' model.predict, the same traced graph the
+    classifier runs (probabilities and novelty scores), and that graph after the bundle's
+    decoding, all on one full batch; and that graph on one photo, for what batching gains in
+    the model alone (the most it can gain behind Serve)."""
+    from dogbreeds.export import load_bundle
+
     bundle = load_bundle(bundle_dir)
     forward = bundle.predict_with_novelty
     batch = [photos[i % len(photos)] for i in range(max_batch_size)]
     prepared = np.stack([bundle.prepare(photo) for photo in batch])
-    bare = {
+    steps = {
         "bare_model_predict_images_per_s": lambda: bundle.model.predict(
             prepared.astype(np.float32), batch_size=max_batch_size, verbose=0),
         "bare_forward_images_per_s": lambda: forward(prepared),
         "bare_decode_and_forward_images_per_s": lambda: forward(np.stack([bundle.prepare(photo) for photo in batch])),
     }
-    for key, step in bare.items():
-        result[key] = _bare_images_per_s(step, max_batch_size, duration_s)
-    # What batching gains in the model alone: the most it can gain behind Serve.
+    bare = {key: _bare_images_per_s(step, max_batch_size, duration_s) for key, step in steps.items()}
     one_photo = _bare_images_per_s(lambda: forward(prepared[:1]), 1, duration_s)
-    result["bare_forward_one_photo_images_per_s"] = one_photo
-    result["bare_forward_batched_over_one_photo"] = round(result["bare_forward_images_per_s"] / one_photo, 2)
-    top = str(max(concurrencies))
+    bare["bare_forward_one_photo_images_per_s"] = one_photo
+    bare["bare_forward_batched_over_one_photo"] = round(bare["bare_forward_images_per_s"] / one_photo, 2)
+    return bare
+
+
+def _serve_over_bare(result: dict, top_concurrency: int) -> dict:
+    """At the highest concurrency: batched over unbatched Serve, and batched Serve over each
+    bare measurement."""
+    top = str(top_concurrency)
     batched, unbatched = result["batched"][top]["requests_per_s"], result["unbatched"][top]["requests_per_s"]
-    result[f"batched_over_unbatched_at_{top}"] = round(batched / unbatched, 2) if unbatched else None
-    for key in bare:
+    ratios = {f"batched_over_unbatched_at_{top}": round(batched / unbatched, 2) if unbatched else None}
+    for key in ("bare_model_predict_images_per_s", "bare_forward_images_per_s", "bare_decode_and_forward_images_per_s"):
         name = key.removeprefix("bare_").removesuffix("_images_per_s")
-        result[f"serve_at_{top}_over_bare_{name}"] = round(batched / result[key], 3)
-    return result
+        ratios[f"serve_at_{top}_over_bare_{name}"] = round(batched / result[key], 3)
+    return ratios
 
 
 # ---------------------------------------------------------------------------------------------

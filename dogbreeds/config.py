@@ -2,14 +2,27 @@
 
 A run directory keeps the resolved configuration as `config.json`, and an exported bundle
 keeps it too, so every number can be traced to what produced it.
+
+`DataConfig` and `TrainConfig` (frozen dataclasses) say what a run does; `ServeArgs` (a frozen
+pydantic model: `serve deploy` validates a config file's `args` with it) says how a bundle is
+served. The comment above each field is its reason, and also its `--help` (`dogbreeds.cli`
+derives every option from these classes), so a default and its reason are written once.
+`load_config_file` reads `--config FILE.yaml`.
+
+Light on purpose (pydantic, no TensorFlow or Ray): the CLI imports it to build its options.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
 import os
-from typing import Any, Mapping
+import textwrap
+from typing import Any, Mapping, Optional
+
+import pydantic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +94,82 @@ class TrainConfig:
     seed: int = 0
 
 
+# Below this top probability an answer is `unsure` instead of a breed (novelty.py's verdicts,
+# the bundle's and the server's default).
+CONFIDENCE_THRESHOLD = 0.5
+
+
+class ServeArgs(pydantic.BaseModel):
+    """The typed arguments of `serve.build_app`; `serve deploy` validates a config's `args` here."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    # The bundle directory written by `dogbreeds export` (bundle.json and model.keras).
+    bundle: str
+    # Largest batch of photos per model call; one call of 32 costs far less than 32 of one.
+    max_batch_size: int = pydantic.Field(32, ge=1)
+    # How long the first photo of a batch waits for others; 10 ms is small against a call.
+    batch_wait_ms: float = pydantic.Field(10.0, ge=0)
+    # Classifier replicas (each holds the model once); with max_replicas, the autoscaling floor.
+    num_replicas: int = pydantic.Field(1, ge=1)
+    # Set: Serve autoscales the classifier between num_replicas and this many replicas.
+    max_replicas: Optional[int] = pydantic.Field(None, ge=1)
+    # Logical CPUs reserved per classifier replica.
+    num_cpus_per_replica: float = pydantic.Field(1.0, ge=0)
+    # GPUs per classifier replica; 0 runs the model on CPUs.
+    num_gpus_per_replica: float = pydantic.Field(0.0, ge=0)
+    # TensorFlow's threads per replica; 0: the replica's CPUs (num_cpus_per_replica rounded up,
+    # at least 1). TensorFlow's own default, every core of the node, spins threads against the
+    # other replicas and the ingress: 127 instead of 176 requests/s on 2 cores (`bench serve`).
+    tensorflow_threads: int = pydantic.Field(0, ge=0)
+    # Largest upload accepted, in bytes (10 MB): a bigger one is answered 413.
+    max_upload_bytes: int = pydantic.Field(10 * 1024 * 1024, ge=1)
+    # Largest photo in pixels (Pillow refuses above 179M anyway): decompression bombs are 422.
+    # Only the first frame of an animation is decoded, so this bounds every photo's decoding.
+    max_image_pixels: int = pydantic.Field(50_000_000, ge=1)
+    # Largest ratio of a photo's long side to its short one: a 999,999x1 PNG is 1 KB and costs
+    # 1.2 GB to resize. Panoramas stay under 10.
+    max_aspect_ratio: float = pydantic.Field(20.0, ge=1)
+    # Photos one classifier replica decodes at once: a 50 MP photo takes ~0.6 GB while it does.
+    max_concurrent_decodes: int = pydantic.Field(2, ge=1)
+    # Below this top probability the answer is `unsure` instead of a breed.
+    confidence_threshold: float = pydantic.Field(CONFIDENCE_THRESHOLD, ge=0, le=1)
+    # A folder of photos the UI offers as examples (up to 6, one per sub-folder); None: none.
+    examples_dir: Optional[str] = None
+    # Requests one ingress replica handles at once; Gradio's open event streams count too. A
+    # waiting request costs the ingress little, so room for many clients at their own bound.
+    max_ongoing_requests: int = pydantic.Field(512, ge=1)
+    # Requests Serve's router holds for the ingress (a burst of connections waits here before
+    # the ingress admits them); more get 503.
+    max_queued_requests: int = pydantic.Field(1024, ge=1)
+    # Requests in flight from one client address; more get 429, so one client cannot take all
+    # (a browser opens at most 6 connections to a site, and one event stream). `--haproxy`
+    # hides client addresses, so there the default is max_ongoing_requests.
+    max_requests_per_client: int = pydantic.Field(16, ge=1)
+    # Largest headers and query string of a request, in bytes (browsers send a few KB): more is 431.
+    max_header_bytes: int = pydantic.Field(32 * 1024, ge=1024)
+    # Largest body of any other request (Gradio's JSON routes carry a few KB): more is 413.
+    max_request_bytes: int = pydantic.Field(1024 * 1024, ge=1024)
+    # Files in one upload to the UI (the page sends one at a time): more is 413.
+    max_files_per_request: int = pydantic.Field(4, ge=1)
+    # Seconds for a request's body to arrive: slower clients get 408 (10 MB at ~3 Mbit/s).
+    body_timeout_s: float = pydantic.Field(30.0, gt=0)
+    # Seconds for a whole request, event streams included: then 504, or the stream is closed.
+    request_timeout_s: float = pydantic.Field(60.0, gt=0)
+    # Photos waiting in the UI's queue; past it the page says the service is busy.
+    ui_queue_size: int = pydantic.Field(64, ge=1)
+    # Uploads older than this many seconds are deleted from Gradio's cache (checked each minute,
+    # or sooner for a shorter age).
+    upload_cache_max_age_s: int = pydantic.Field(600, ge=1)
+    # Host headers answered ("*": any, "*.example.com": its subdomains); others get 400. On a
+    # cluster, list the names clients use.
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+    # A file holding the API token that /predict and the UI then require (`Authorization:
+    # Bearer TOKEN`, or `/?token=TOKEN` once in a browser); DOGBREEDS_API_TOKEN in the
+    # replicas' environment works too. None and no variable: no token.
+    api_token_file: Optional[str] = None
+
+
 def from_dict(cls: type, values: Mapping[str, Any]):
     """Build `cls` from a mapping; an unknown key is an error that lists the known ones."""
     known = {field.name for field in dataclasses.fields(cls)}
@@ -93,3 +182,49 @@ def from_dict(cls: type, values: Mapping[str, Any]):
 def to_dict(config) -> dict[str, Any]:
     """A JSON-ready dict of a configuration."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field of a configuration class and the comment above it in the source, in one
+    line: the field's reason, which the CLI shows as its help."""
+    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    comments = {}
+    for node in ast.parse("\n".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, row = [], node.lineno - 2
+            while row >= 0 and lines[row].strip().startswith("#"):
+                above.insert(0, lines[row].strip().lstrip("#").strip())
+                row -= 1
+            comments[node.target.id] = " ".join(above)
+    return comments
+
+
+def load_config_file(path: str, sections: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """`--config FILE.yaml`: {section: {field: value}} for the given sections (each maps to its
+    known field names). A missing file, bad YAML, or an unknown section or key is a one-line
+    `ValueError` naming the file and the key."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--config not found: {path}")
+    try:
+        with open(path) as handle:
+            content = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: YAML syntax error{where}: {getattr(error, 'problem', None) or error}") from None
+    content = {} if content is None else content
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected sections {sorted(sections)}, got {type(content).__name__}")
+    resolved = {}
+    for section, values in content.items():
+        if section not in sections:
+            raise ValueError(f"{path}: unknown section {section!r}; known here: {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: section {section!r} must map keys to values")
+        for key in values:
+            if key not in sections[section]:
+                raise ValueError(f"{path}: unknown key {section}.{key}; known: {sorted(sections[section])}")
+        resolved[section] = dict(values)
+    return resolved

@@ -4,9 +4,10 @@ The flow, top to bottom:
 1. `load_index(config)` lists the examples of TFDS `stanford_dogs` or of a folder in the
    layout of the official images.tar, with class order identical to TFDS's, and splits them
    into train / validation / test (the official lists when present, else seeded and stratified).
+   `check_source(config)` says in one line, before anything starts, why a source cannot work.
 2. `load_images(split, image_size, ...)` decodes and resizes one split (or one Ray Train
-   worker's share of it) once, in parallel, into a cache of uint8 arrays; files that do not
-   decode are skipped and counted with the reason.
+   worker's share of it) once, in parallel, into a cache of uint8 arrays, logging its
+   progress; files that do not decode are skipped and counted with a plain reason.
 3. `make_dataset(images, labels, ...)` turns cached arrays into batches through a chain of
    small preprocessing ops (big_vision style): `flip_lr|rotate(0.1)|onehot(120)` for train,
    `onehot(120)` for evaluation. Models do their own scaling (see `models.py`).
@@ -15,20 +16,48 @@ The flow, top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import time
+import zipfile
+import zlib
 from typing import Callable, Iterable
 
 import numpy as np
-import tensorflow as tf
 
 from dogbreeds.config import DataConfig
+from dogbreeds.models import check_image_size, host_reachable, input_chain
+
+
+class _LazyTensorFlow:
+    """tensorflow, imported on first use: listing a folder and the CLI's checks before a run
+    read no TensorFlow, which takes seconds to import."""
+
+    def __getattr__(self, name):
+        import tensorflow
+
+        return getattr(tensorflow, name)
+
+
+tf = _LazyTensorFlow()
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# What a data folder should hold, for the errors that say it is not so.
+EXPECTED_LAYOUT = "expected Images/<synset>-<breed>/*.jpg, the layout of Stanford Dogs' images.tar"
 TFDS_NAME = "stanford_dogs"
+# The host of the archive TFDS downloads (tensorflow_datasets' stanford_dogs builder:
+# http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar).
+TFDS_HOST, TFDS_PORT = "vision.stanford.edu", 80
+# Progress lines: one at each further tenth of a split, but not more often than this...
+PROGRESS_MIN_GAP_S = 1.0
+# ...and one at least this often, however slowly the tenths come.
+PROGRESS_INTERVAL_S = 5.0
 
 
 @dataclasses.dataclass
@@ -37,13 +66,14 @@ class Split:
 
     keys: list[str]
     labels: np.ndarray  # int32 class indices
+    name: str = "photos"  # train, validation or test: what progress and errors call it
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def take(self, positions: Iterable[int]) -> "Split":
         positions = list(positions)
-        return Split([self.keys[i] for i in positions], self.labels[positions].astype(np.int32))
+        return Split([self.keys[i] for i in positions], self.labels[positions].astype(np.int32), self.name)
 
 
 @dataclasses.dataclass
@@ -79,7 +109,37 @@ def load_index(config: DataConfig) -> DatasetIndex:
     else:
         index = _folder_index(config)
     index.splits = _carve_splits(index.splits, config)
+    for name, split in index.splits.items():
+        split.name = name
     return index
+
+
+def check_source(config: DataConfig) -> None:
+    """A one-line ValueError, in seconds and without TensorFlow, if the configured source
+    cannot work: a data folder that is missing or holds no photos in the images.tar layout,
+    or TFDS `stanford_dogs` neither prepared nor downloadable (offline)."""
+    if config.data_dir is not None:
+        _, images_dir, folders = _breed_folders(config.data_dir)
+        for folder in folders:
+            if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(os.path.join(images_dir, folder))):
+                return
+        raise ValueError(
+            f"no images in {config.data_dir}: its {len(folders)} breed folders hold no "
+            f"{'/'.join(IMAGE_EXTENSIONS)} files ({EXPECTED_LAYOUT})"
+        )
+    tfds_dir = os.path.expanduser(config.tfds_dir or _tfds_default_dir())
+    if glob.glob(os.path.join(tfds_dir, TFDS_NAME, "*", "dataset_info.json")):
+        return  # prepared: TFDS reads it without a download
+    if not host_reachable(TFDS_HOST, TFDS_PORT):
+        raise ValueError(
+            f"TFDS {TFDS_NAME} is not in {tfds_dir} and {TFDS_HOST} cannot be reached (offline?): "
+            "pass --data-dir FOLDER holding images.tar's Images/ (see README)"
+        )
+
+
+def _tfds_default_dir() -> str:
+    """TFDS's own default data dir (tensorflow_datasets' constants), read without importing it."""
+    return os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
 
 
 def photo_files(folder: str) -> list[str]:
@@ -95,10 +155,14 @@ def photo_files(folder: str) -> list[str]:
     )
 
 
-def _folder_index(config: DataConfig) -> DatasetIndex:
-    root = os.path.abspath(os.path.expanduser(config.data_dir))
+def _breed_folders(data_dir: str) -> tuple[str, str, list[str]]:
+    """(root, the folder holding the breed folders, the breed folders in TFDS's order) of a
+    data folder; a one-line ValueError if it is missing, a file, or holds no breed folders."""
+    root = os.path.abspath(os.path.expanduser(data_dir))
+    if not os.path.exists(root):
+        raise ValueError(f"data folder not found: {data_dir} ({EXPECTED_LAYOUT})")
     if not os.path.isdir(root):
-        raise ValueError(f"data folder not found: {config.data_dir}")
+        raise ValueError(f"data folder {data_dir} is a file, not a folder ({EXPECTED_LAYOUT})")
     images_dir = os.path.join(root, "Images")
     if not os.path.isdir(images_dir):
         images_dir = root  # also accept the breed folders directly
@@ -106,6 +170,13 @@ def _folder_index(config: DataConfig) -> DatasetIndex:
         (d for d in os.listdir(images_dir) if os.path.isdir(os.path.join(images_dir, d))),
         key=str.lower,  # TFDS's order: sorted lower-cased folder names
     )
+    if not folders:
+        raise ValueError(f"no images in {data_dir}: it has no breed folders ({EXPECTED_LAYOUT})")
+    return root, images_dir, folders
+
+
+def _folder_index(config: DataConfig) -> DatasetIndex:
+    root, images_dir, folders = _breed_folders(config.data_dir)
     paths, labels, skipped = [], [], []
     for label, folder in enumerate(folders):
         for file_name in sorted(os.listdir(os.path.join(images_dir, folder))):
@@ -116,10 +187,7 @@ def _folder_index(config: DataConfig) -> DatasetIndex:
             elif not file_name.startswith("."):
                 skipped.append((path, "not an image file extension"))
     if not paths:
-        raise ValueError(
-            f"no images in {config.data_dir}: expected Images/<synset>-<breed>/*.jpg "
-            "(the layout of Stanford Dogs' images.tar)"
-        )
+        raise ValueError(f"no images in {config.data_dir}: its breed folders hold no photos ({EXPECTED_LAYOUT})")
     labels = np.asarray(labels, np.int32)
     train_list = os.path.join(root, "lists", "train_list.mat")
     test_list = os.path.join(root, "lists", "test_list.mat")
@@ -331,13 +399,35 @@ def decode_and_resize(encoded: bytes | tf.Tensor, image_size: int) -> np.ndarray
 
 
 def _decode_resize_fn(image_size: int):
-    from dogbreeds.models import input_chain
-
-    return build_ops(input_chain(image_size))
+    return build_ops(input_chain(check_image_size(image_size)))
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. Decoding once into a cache of resized images.
+
+
+class Progress:
+    """Logs `WHAT: done/total UNIT, P%, T s` at each further tenth of the work (at most one
+    line per PROGRESS_MIN_GAP_S) and at least every PROGRESS_INTERVAL_S."""
+
+    def __init__(self, what: str, total: int, unit: str = "photos", log: logging.Logger = logger):
+        self.what, self.total, self.unit, self.log = what, total, unit, log
+        self.done, self.started = 0, time.perf_counter()
+        self.last_line, self.last_tenth = self.started, 0
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        now = time.perf_counter()
+        tenth = self.done * 10 // max(self.total, 1)
+        since = now - self.last_line
+        if since >= PROGRESS_INTERVAL_S or (tenth > self.last_tenth and since >= PROGRESS_MIN_GAP_S):
+            self.last_line, self.last_tenth = now, tenth
+            self.log.info("%s: %s/%s %s, %d%%, %.1f s", self.what, f"{self.done:,}", f"{self.total:,}",
+                          self.unit, 100 * self.done // max(self.total, 1), now - self.started)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def load_images(
@@ -351,22 +441,70 @@ def load_images(
     """Decode and resize a split (or shard `shard_index` of `num_shards`: every
     `num_shards`-th example) into uint8 arrays, cached on disk.
 
-    Returns (images [N, S, S, 3] uint8, labels [N] int32, skipped [(key, reason)]).
+    Returns (images [N, S, S, 3] uint8, labels [N] int32, skipped [(key, reason)]). A cache
+    file that cannot be read is logged, deleted and rebuilt; a split of which no photo
+    decodes is a ValueError.
     """
+    check_image_size(image_size)
     positions = range(shard_index, len(split), num_shards)
     part = split.take(positions)
-    cache_path = os.path.join(config.cache_dir, f"{_fingerprint(part, image_size)}.npz")
+    what = part.name if num_shards == 1 else f"{part.name} (shard {shard_index + 1}/{num_shards})"
+    cache_path = cache_file(part, image_size, config.cache_dir)
     if os.path.exists(cache_path):
-        with np.load(cache_path, allow_pickle=False) as cached:
-            skipped = [tuple(s) for s in json.loads(str(cached["skipped"]))]
-            return cached["images"], cached["labels"], skipped
-    images, kept, skipped = _decode_all(part, image_size, tfds_dir or config.tfds_dir)
+        try:
+            cached = _read_cache(cache_path, len(part), image_size)
+            logger.debug("%s: %d photos from the cache %s", what, len(part), cache_path)
+            return cached
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError, TypeError) as error:
+            logger.warning("cache file %s is unreadable (%s): deleting it and decoding again",
+                           cache_path, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+            try:
+                os.remove(cache_path)
+            except FileNotFoundError:  # another worker removed it first
+                pass
+    progress = Progress(f"decoding {what}", len(part))
+    images, kept, skipped = _decode_all(part, image_size, tfds_dir or config.tfds_dir, progress)
+    if len(part) and not len(kept):
+        raise ValueError(f"no photo of {what} decodes: {_describe_skipped(skipped)}")
     labels = part.labels[kept]
     os.makedirs(config.cache_dir, exist_ok=True)
     temporary = f"{cache_path}.{os.getpid()}.tmp.npz"
     np.savez(temporary, images=images, labels=labels, skipped=json.dumps(skipped))
     os.replace(temporary, cache_path)  # atomic: concurrent workers never read half a file
+    logger.info("decoded %s: %s photos at %d px in %.1f s, %d skipped%s", what, f"{len(kept):,}", image_size,
+                progress.seconds, len(skipped), f" ({_describe_skipped(skipped)})" if skipped else "")
     return images, labels, skipped
+
+
+def _read_cache(path: str, count: int, image_size: int):
+    """(images, labels, skipped) of a cache file; a ValueError if it is not what
+    `load_images` wrote for `count` examples at `image_size`."""
+    with np.load(path, allow_pickle=False) as cached:
+        images, labels = cached["images"], cached["labels"]
+        skipped = [tuple(item) for item in json.loads(str(cached["skipped"]))]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
+        raise ValueError(f"images of shape {images.shape} and type {images.dtype}")
+    if labels.shape != (len(images),) or len(images) + len(skipped) != count:
+        raise ValueError(f"{len(images)} images, {len(labels)} labels and {len(skipped)} skipped for {count} photos")
+    if not all(len(item) == 2 for item in skipped):
+        raise ValueError("skipped entries are not (file, reason) pairs")
+    return images, labels.astype(np.int32), skipped
+
+
+def _describe_skipped(skipped: list[tuple[str, str]]) -> str:
+    """`3 truncated JPEG image, 1 empty file; first: a.jpg (truncated JPEG image)`: one line
+    about a non-empty list of skipped files."""
+    counts: dict[str, int] = {}
+    for _, reason in skipped:
+        counts[reason] = counts.get(reason, 0) + 1
+    summary = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda c: -c[1]))
+    return f"{summary}; first: {skipped[0][0]} ({skipped[0][1]})"
+
+
+def cache_file(split: Split, image_size: int, cache_dir: str) -> str:
+    """Where `load_images` caches `split` (a whole split or one shard's part) at `image_size`:
+    keyed by every file's path, size and modification time, and the size."""
+    return os.path.join(cache_dir, f"{_fingerprint(split, image_size)}.npz")
 
 
 def _fingerprint(split: Split, image_size: int) -> str:
@@ -401,7 +539,7 @@ def _read_bytes(split: Split, tfds_dir: str | None) -> tf.data.Dataset:
     )
 
 
-def _decode_all(split: Split, image_size: int, tfds_dir: str | None):
+def _decode_all(split: Split, image_size: int, tfds_dir: str | None, progress: Progress | None = None):
     """Decode in parallel, skipping what fails; returns (images, kept positions, skipped)."""
     decode_resize = _decode_resize_fn(image_size)
     decoded = (
@@ -419,17 +557,55 @@ def _decode_all(split: Split, image_size: int, tfds_dir: str | None):
     for position, image in decoded.as_numpy_iterator():
         images[position] = image
         ok[position] = True
-    skipped = []
-    for position in np.flatnonzero(~ok):  # rare: decode again only to say why
-        key, reason = split.keys[position], "could not be decoded"
-        try:
-            if not key.startswith("tfds:"):
-                decode_resize({"image": tf.io.read_file(key)})
-        except Exception as error:  # noqa: BLE001 - the reason is what we report
-            reason = str(error).strip().splitlines()[-1][:200] or type(error).__name__
-        skipped.append((key, reason))
+        if progress is not None:
+            progress.advance()
+    skipped = [(split.keys[position], why_undecodable(split.keys[position])) for position in np.flatnonzero(~ok)]
     kept = np.flatnonzero(ok)
     return images[kept], kept, skipped
+
+
+# The formats `decode` reads, by their first bytes (WebP: RIFF, a size, then WEBP).
+IMAGE_SIGNATURES = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",),
+}
+
+
+def image_format(encoded: bytes) -> str | None:
+    """JPEG, PNG, GIF, BMP or WebP by the file's first bytes; None for anything else."""
+    if encoded[:4] == b"RIFF" and encoded[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for name, starts in IMAGE_SIGNATURES.items() if encoded.startswith(starts)), None)
+
+
+def why_undecodable(key: str) -> str:
+    """A short, plain reason why an example did not decode, read from its bytes (TensorFlow's
+    own error text is several lines of op names)."""
+    if key.startswith("tfds:"):
+        return "TFDS record could not be decoded"
+    try:
+        with open(key, "rb") as handle:
+            encoded = handle.read()
+    except OSError as error:
+        return f"cannot be read ({error.strerror or type(error).__name__})"
+    if not encoded:
+        return "empty file"
+    kind = image_format(encoded)
+    if kind is None:
+        return "not a JPEG/PNG/GIF/BMP/WebP image"
+    # Each format says where it ends: JPEG's EOI marker, PNG's IEND chunk, GIF's trailer byte,
+    # the sizes in BMP's and WebP's headers.
+    end = encoded.rstrip(b"\0\r\n ")
+    truncated = {
+        "JPEG": lambda: not end.endswith(b"\xff\xd9"),
+        "PNG": lambda: b"IEND" not in encoded[-16:],
+        "GIF": lambda: not end.endswith(b";"),
+        "BMP": lambda: len(encoded) < 6 or int.from_bytes(encoded[2:6], "little") > len(encoded),
+        "WebP": lambda: int.from_bytes(encoded[4:8], "little") + 8 > len(encoded),
+    }[kind]()
+    return f"truncated {kind} image" if truncated else f"damaged {kind} image"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import zipfile
 
 import numpy as np
 
-from dogbreeds import models, novelty
+from dogbreeds import models, novelty, runs
 
 # 2: bundle.json records the sha256 of every file (`files`), checked before anything loads.
 BUNDLE_FORMAT = 2
@@ -80,16 +80,16 @@ def export_bundle(run_dir: str, bundle_dir: str, name: str | None = None) -> dic
 
     The bundle is written into a temporary directory beside `bundle_dir` and renamed into
     place, replacing an earlier bundle there only once the new one is complete."""
-    with open(os.path.join(run_dir, "metrics.json")) as handle:
+    with open(os.path.join(run_dir, runs.METRICS)) as handle:
         metrics = json.load(handle)
-    with open(os.path.join(run_dir, "config.json")) as handle:
+    with open(os.path.join(run_dir, runs.CONFIG)) as handle:
         config = json.load(handle)
     spec = models.get_model_spec(metrics["model"])
     bundle_dir = os.path.abspath(bundle_dir)
     temporary = f"{bundle_dir}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(temporary)
     try:
-        shutil.copy(os.path.join(run_dir, MODEL_FILE), os.path.join(temporary, MODEL_FILE))
+        shutil.copy(os.path.join(run_dir, runs.MODEL), os.path.join(temporary, MODEL_FILE))
         novelty_info = _write_novelty(temporary, config, metrics["image_size"])
         description = {
             "format": BUNDLE_FORMAT,

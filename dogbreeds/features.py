@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 
 import numpy as np
 
-from dogbreeds import data
+from dogbreeds import data, models
 from dogbreeds.config import DataConfig
+
+logger = logging.getLogger(__name__)
 
 
 class FeatureExtractor:
@@ -32,8 +36,6 @@ class FeatureExtractor:
     def __init__(self, images, backbone: str, weights, image_size: int, views: int, data_config: DataConfig):
         import ray
         import tensorflow as tf
-
-        from dogbreeds import models
 
         self.images = ray.get(images) if isinstance(images, ray.ObjectRef) else images
         self.model = models.build_backbone(backbone, image_size, weights)
@@ -60,9 +62,10 @@ class FeatureExtractor:
 
 def extract_features(images: np.ndarray, backbone: str, weights, image_size: int, views: int,
                      data_config: DataConfig, actors: int = 1, gpus_per_actor: float = 0,
-                     batch_size: int = 64) -> np.ndarray:
+                     batch_size: int = 64, what: str = "photos") -> np.ndarray:
     """Features [len(images) * max(views, 1), D] by a Ray Data job over `actors` actors;
-    `views` = 0 is one view without augmentation (validation and test)."""
+    `views` = 0 is one view without augmentation (validation and test). Progress is logged
+    as `features of WHAT: done/total examples`."""
     import ray
 
     count = len(images) * max(views, 1)
@@ -78,9 +81,11 @@ def extract_features(images: np.ndarray, backbone: str, weights, image_size: int
         num_gpus=gpus_per_actor,
     )
     ids, features = [], []
+    progress = data.Progress(f"features of {what}", count, unit="examples", log=logger)
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         ids.append(batch["id"])
         features.append(batch["features"])
+        progress.advance(len(batch["id"]))
     ids, features = np.concatenate(ids), np.concatenate(features)
     return features[np.argsort(ids)]
 
@@ -100,26 +105,30 @@ def cache_key(index: data.DatasetIndex, backbone: str, weights, image_size: int,
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cache_features(index: data.DatasetIndex, backbone: str, weights, image_size: int, views: int,
+def cache_features(index: data.DatasetIndex, backbone: str, weights, image_size: int | None, views: int,
                    data_config: DataConfig, features_dir: str, actors: int = 1,
                    gpus_per_actor: float = 0) -> dict:
     """The train (`views` augmented views per image) and validation features, computed once.
 
+    `image_size` None is the backbone's own (`models.resolve_input`).
     Returns {"train": path, "validation": path, "cached": bool, "seconds": float}; each .npz
-    holds `features` and `labels`."""
-    import time
-
+    holds `features` and `labels`. Missing weights are a ValueError before any work."""
+    image_size = models.resolve_input(backbone, image_size).image_size
+    models.check_weights(backbone, weights, image_size)
     directory = os.path.join(features_dir, cache_key(index, backbone, weights, image_size, views, data_config))
     paths = {split: os.path.join(directory, f"{split}.npz") for split in ("train", "validation")}
     if all(os.path.exists(path) for path in paths.values()):
+        logger.info("features of %s at %d px: reused from %s", backbone, image_size, directory)
         return {**paths, "cached": True, "seconds": 0.0}
     started = time.time()
     os.makedirs(directory, exist_ok=True)
     for split, split_views in (("train", views), ("validation", 0)):
         images, labels, _ = data.load_images(index.splits[split], image_size, data_config)
         features = extract_features(images, backbone, weights, image_size, split_views,
-                                    data_config, actors, gpus_per_actor)
-        temporary = paths[split] + ".tmp.npz"
+                                    data_config, actors, gpus_per_actor, what=f"{split} ({backbone})")
+        temporary = f"{paths[split]}.{os.getpid()}.tmp.npz"
         np.savez(temporary, features=features, labels=np.tile(labels, max(split_views, 1)))
         os.replace(temporary, paths[split])
-    return {**paths, "cached": False, "seconds": round(time.time() - started, 2)}
+    seconds = round(time.time() - started, 2)
+    logger.info("features of %s at %d px: computed in %.1f s into %s", backbone, image_size, seconds, directory)
+    return {**paths, "cached": False, "seconds": seconds}

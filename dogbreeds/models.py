@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
+import socket
+import threading
 from typing import Any, Callable, Mapping
-
 
 
 class _LazyKeras:
@@ -118,13 +119,20 @@ def input_chain(image_size: int) -> str:
     return f"decode|resize({image_size})"
 
 
+def check_image_size(image_size: Any) -> int:
+    """`image_size` if it is a whole number of pixels in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE], else
+    a one-line ValueError: for commands that take a size without a model (`dogbreeds data`)."""
+    size = image_size
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image size must be a whole number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}")
+    return size
+
+
 def resolve_input(name: str, image_size: int | None = None) -> InputConfig:
     """A model's input: `image_size` (the command line's) over the model's own; a size out of
     [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE] is an error."""
     spec = get_model_spec(name)
-    size = spec.image_size if image_size is None else image_size
-    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image size must be a whole number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}")
+    size = check_image_size(spec.image_size if image_size is None else image_size)
     return InputConfig(name, size, spec.scaling)
 
 
@@ -244,6 +252,91 @@ def build_head(hparams, num_classes: int, feature_dim: int) -> keras.Model:
     return keras.Model(features, outputs, name="head")
 
 
+# Where keras.applications downloads ImageNet weights from.
+WEIGHTS_HOST, WEIGHTS_PORT = "storage.googleapis.com", 443
+# A connected machine opens a TCP connection in well under a second; an offline one should
+# not make a user wait longer than this to hear so.
+REACHABLE_TIMEOUT_S = 3.0
+# The first bytes of every HDF5 file (Keras' .h5 weights).
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# MobileNet v1's width multiplier: 0.25, the smallest, so transfer fits a CPU.
+MOBILENET_ALPHA = 0.25
+# ...which keras.applications spells "2_5" in its weights' file names.
+MOBILENET_ALPHA_TEXT = "2_5"
+# MobileNet's ImageNet weights exist at these sizes; keras.applications loads 224's otherwise.
+MOBILENET_WEIGHT_SIZES = (128, 160, 192, 224)
+
+
+def host_reachable(host: str, port: int, timeout_s: float = REACHABLE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to `host`:`port` opens within `timeout_s`, name lookup
+    included (which a socket's own timeout does not bound, hence the thread)."""
+    outcome = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome == [True]
+
+
+def imagenet_weights_path(name: str, image_size: int | None = None) -> str:
+    """Where keras.applications keeps a transfer model's no-top ImageNet weights once
+    downloaded: `get_file`'s ~/.keras/models (or /tmp/.keras/models when ~/.keras is not
+    writable), under the file name it downloads."""
+    spec = get_model_spec(name)
+    if spec.backbone is None:
+        raise ValueError(f"{name} has no backbone, so no ImageNet weights")
+    if spec.backbone == "MobileNet":
+        size = resolve_input(name, image_size).image_size
+        rows = size if size in MOBILENET_WEIGHT_SIZES else 224
+        file_name = f"mobilenet_{MOBILENET_ALPHA_TEXT}_{rows}_tf_no_top.h5"
+    else:  # xception_..., resnet50v2_...
+        file_name = f"{spec.backbone.lower()}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    keras_home = os.path.join(os.path.expanduser("~"), ".keras")
+    if not os.access(keras_home, os.W_OK):
+        keras_home = os.path.join("/tmp", ".keras")
+    return os.path.join(keras_home, "models", file_name)
+
+
+def check_weights_file(path: str) -> None:
+    """A one-line ValueError unless `path` is an existing HDF5 file."""
+    if not os.path.exists(path):
+        raise ValueError(f"weights file not found: {path} (pass a Keras .h5 file, imagenet or none)")
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file {path} is a folder, not a Keras .h5 file")
+    with open(path, "rb") as handle:
+        head = handle.read(len(HDF5_SIGNATURE))
+    if head != HDF5_SIGNATURE:
+        raise ValueError(f"weights file {path} is not an HDF5 file (Keras .h5 weights start with {HDF5_SIGNATURE!r})")
+
+
+def check_weights(model: str, weights: str | None, image_size: int | None = None) -> None:
+    """Before anything starts: the weights a model will load are there or can be fetched.
+
+    A model without a backbone ignores `weights`; None or "none" is random weights; a path
+    must be an HDF5 file; "imagenet" must be in Keras' cache or its download host reachable.
+    Reads no TensorFlow."""
+    spec = get_model_spec(model)
+    if spec.backbone is None or weights is None or str(weights).lower() == "none":
+        return
+    if weights != "imagenet":
+        check_weights_file(weights)
+        return
+    path = imagenet_weights_path(model, image_size)
+    if os.path.isfile(path) or host_reachable(WEIGHTS_HOST, WEIGHTS_PORT):
+        return
+    raise ValueError(
+        f"ImageNet weights for {model} are not cached in {os.path.dirname(path)} and "
+        f"{WEIGHTS_HOST} cannot be reached: pass --weights FILE.h5 or --weights none"
+    )
+
+
 def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Model:
     """The frozen, globally pooled backbone of a transfer model, scaling included.
 
@@ -251,10 +344,9 @@ def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Mod
     machines with no internet), or None for random weights.
     """
     spec = get_model_spec(name)
-    if weights not in (None, "imagenet") and not os.path.isfile(weights):
-        raise ValueError(f"weights file not found: {weights}")
+    check_weights(name, weights, image_size)
     application = getattr(keras.applications, spec.backbone)
-    options = {"alpha": 0.25} if spec.backbone == "MobileNet" else {}
+    options = {"alpha": MOBILENET_ALPHA} if spec.backbone == "MobileNet" else {}
     network = application(
         include_top=False,
         weights=weights,

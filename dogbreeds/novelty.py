@@ -27,6 +27,8 @@ import os
 
 import numpy as np
 
+from dogbreeds.config import CONFIDENCE_THRESHOLD  # the served default's one home
+
 # The three verdicts, in the order of how much the answer can be trusted.
 VERDICTS = ("breed", "unsure", "not_a_dog")
 # Deep kNN: cosine distance to the k-th nearest training feature. On the quick bundle it beat
@@ -44,8 +46,6 @@ REFERENCE_PER_CLASS = 100
 REFERENCE_DTYPE = np.float16
 # Photos per forward pass while calibrating: bounded memory at 299 px on a CPU.
 BATCH_SIZE = 64
-# Below this top probability a dog's breed is "unsure" (ServeArgs.confidence_threshold's default).
-CONFIDENCE_THRESHOLD = 0.5
 # Transfer models nest their trainable head under this name; its input is the pooled features.
 HEAD_LAYER = "head"
 # The from-scratch CNNs end in this Dense layer; its input is their penultimate features.

@@ -2,20 +2,24 @@
 tested once, the better one (by validation accuracy, never test) exported as a bundle, and
 the report.
 
-    run_pipeline("quick", DataConfig(data_dir="../shared/data/tiny_dogs_64"), "runs/quick",
-                 weights="../shared/weights/mobilenet_2_5_224_tf_no_top.h5")
+    run_pipeline("quick", "runs/quick", data={"data_dir": "../shared/data/tiny_dogs_64"},
+                 train={"weights": "../shared/weights/mobilenet_2_5_224_tf_no_top.h5"})
+
+Each stage's configuration is resolved in one order: the classes' defaults, then the profile's
+values for that stage, then the caller's (the command line's and `--config`'s), which apply to
+both stages. The resolved configurations are written to pipeline.json before anything runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
-from dogbreeds.config import DataConfig, TrainConfig
+from dogbreeds import runs
+from dogbreeds.config import DataConfig, TrainConfig, to_dict
 from dogbreeds.search import SearchConfig, search_cnn3v2, search_head
 
-# Each profile: the cnn3v2 search and the head search, as (data, train, search) overrides.
+# Each profile: the cnn3v2 search and the head search (its augmented views per photo in
+# `augmented_views`), as (data, train, search) overrides of the classes' defaults.
 PROFILES = {
     # A laptop CPU in minutes: small images, a subset for the cnn3v2 search, few short trials.
     "quick": {
@@ -25,11 +29,10 @@ PROFILES = {
             {"space": "cnn3v2", "trials": 2, "concurrent_trials": 2},
         ),
         "head": (
-            {"image_size": 128},
+            {"image_size": 128, "augmented_views": 2},
             {"model": "mobilenet_025", "epochs": 10},
             {"space": "transfer_head", "trials": 4, "concurrent_trials": 2},
         ),
-        "views": 2,
     },
     # The study's settings on a GPU cluster: 299x299, 20 epochs, all data, Xception.
     "full": {
@@ -39,57 +42,74 @@ PROFILES = {
             {"space": "cnn3v2", "trials": 20, "concurrent_trials": 2, "algorithm": "tpe"},
         ),
         "head": (
-            {"image_size": 299},
+            {"image_size": 299, "augmented_views": 9},  # the study's nine views per photo
             {"model": "xception", "epochs": 20, "gpus_per_worker": 0.25},
             {"space": "transfer_head", "trials": 32, "concurrent_trials": 8, "algorithm": "tpe"},
         ),
-        "views": 9,  # the study's nine augmented views per photo
     },
 }
 
 
-def run_pipeline(profile: str, data_config: DataConfig, output: str, weights: str | None = "imagenet",
-                 resume: bool = False, feature_actors: int = 1, gpus_per_actor: float = 0) -> dict:
-    """Run the whole study; returns where each artefact went."""
-    from dogbreeds.export import export_bundle
-
+def resolve_stages(profile: str, data: dict | None = None, train: dict | None = None,
+                   search: dict | None = None) -> dict[str, tuple[DataConfig, TrainConfig, SearchConfig]]:
+    """Each stage's (data, train, search) configuration: the profile's values over the
+    classes' defaults, and `data`, `train`, `search` (the caller's) over both."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
-    settings = PROFILES[profile]
-    output = os.path.abspath(output)
-
-    def configs(stage):
-        data_overrides, train_overrides, search_overrides = settings[stage]
-        return (
-            dataclasses.replace(data_config, **data_overrides),
-            TrainConfig(**{"weights": weights, **train_overrides}),
-            SearchConfig(**search_overrides),
+    stages = {}
+    for stage, (data_overrides, train_overrides, search_overrides) in PROFILES[profile].items():
+        stages[stage] = (
+            DataConfig(**{**data_overrides, **(data or {})}),
+            TrainConfig(**{**train_overrides, **(train or {})}),
+            SearchConfig(**{**search_overrides, **(search or {})}),
         )
+    return stages
+
+
+def run_pipeline(profile: str, output: str, data: dict | None = None, train: dict | None = None,
+                 search: dict | None = None, resume: bool = False, feature_actors: int = 1,
+                 gpus_per_actor: float = 0) -> dict:
+    """Run the whole study; returns where each artefact went (also in pipeline.json, with each
+    stage's resolved configuration)."""
+    from dogbreeds.export import export_bundle
+    from dogbreeds.train import versions
+
+    stages = resolve_stages(profile, data, train, search)
+    output = os.path.abspath(output)
+    os.makedirs(output, exist_ok=True)
+    settings = {
+        "profile": profile,
+        "overrides": {"data": data or {}, "train": train or {}, "search": search or {}},
+        "stages": {stage: {"data": to_dict(d), "train": to_dict(t), "search": to_dict(s)}
+                   for stage, (d, t, s) in stages.items()},
+        "feature_actors": feature_actors,
+        "gpus_per_actor": gpus_per_actor,
+        "versions": versions(),
+    }
+    runs.write_json(os.path.join(output, runs.PIPELINE), {"settings": settings})  # before anything runs
 
     results = {
-        "cnn3v2": search_cnn3v2(*configs("cnn3v2"), os.path.join(output, "cnn3v2"), resume=resume),
-        "head": search_head(
-            *configs("head"), os.path.join(output, "head"), views=settings["views"],
-            features_dir=os.path.join(output, "features"), actors=feature_actors,
-            gpus_per_actor=gpus_per_actor, resume=resume,
-        ),
+        "cnn3v2": search_cnn3v2(*stages["cnn3v2"], os.path.join(output, "cnn3v2"), resume=resume),
+        "head": search_head(*stages["head"], os.path.join(output, "head"), features_dir=os.path.join(output, runs.FEATURES),
+                            actors=feature_actors, gpus_per_actor=gpus_per_actor, resume=resume),
     }
     chosen = max(results, key=lambda stage: results[stage]["final"]["validation"])
-    bundle = export_bundle(os.path.join(output, chosen, "final"), os.path.join(output, "bundle"))
+    bundle_dir = os.path.join(output, runs.BUNDLE)
+    bundle = export_bundle(os.path.join(output, chosen, runs.FINAL), bundle_dir)
     summary = {
         "profile": profile,
         "chosen": chosen,
         "final": {stage: result["final"] for stage, result in results.items()},
-        "bundle": {"path": os.path.join(output, "bundle"), "name": bundle["name"], "version": bundle["version"]},
+        "bundle": {"path": bundle_dir, "name": bundle["name"], "version": bundle["version"]},
         "artefacts": {
-            "cnn3v2 search": os.path.join(output, "cnn3v2", "results.csv"),
-            "head search": os.path.join(output, "head", "results.csv"),
-            "best configurations": [os.path.join(output, stage, "best.json") for stage in results],
-            "bundle": os.path.join(output, "bundle"),
-            "report": os.path.join(output, "report.html"),
+            "cnn3v2 search": os.path.join(output, "cnn3v2", runs.RESULTS),
+            "head search": os.path.join(output, "head", runs.RESULTS),
+            "best configurations": [os.path.join(output, stage, runs.BEST) for stage in results],
+            "bundle": bundle_dir,
+            "report": os.path.join(output, runs.REPORT),
             "tensorboard": f"tensorboard --logdir {output}",
         },
+        "settings": settings,
     }
-    with open(os.path.join(output, "pipeline.json"), "w") as handle:
-        json.dump(summary, handle, indent=1)
+    runs.write_json(os.path.join(output, runs.PIPELINE), summary)
     return summary

@@ -4,35 +4,44 @@
   calls a driver function that launches a `TensorflowTrainer`), on a subset of the data as in
   the study; the best configuration is then retrained on all of it and tested once.
 - `search_head`: the frozen backbone's features are computed once (`features.py`); every head
-  trial trains on them, then the best head is joined to the backbone and tested end to end.
+  trial trains on them, then the best head is joined to its backbone and tested end to end.
 
-Search spaces are YAML files in Keras Tuner's vocabulary (`search_spaces/*.yaml`), loaded into
-`keras_tuner.HyperParameters` and turned into a Ray Tune space by `to_tune_space`.
+A kind of search is registered once, in `SEARCHES` (its function, its default search-space
+file, and where its model comes from); the CLI builds its `search` subcommands from it.
 
-A search directory holds `results.csv` (a row per trial), `best.json`, `trials/<id>/` (each
-trial's history and TensorBoard logs), `tune/` (Ray Tune's state, for `--resume`), `final/`
-(the best configuration retrained and tested) and `report.html`.
+Search spaces are YAML files in Keras Tuner's vocabulary (`search_spaces/*.yaml`, checked by
+`spaces.read_space`): the file's `search:` must be the kind being run, its `metric:` chooses
+the best trial, and its hyperparameters must all be known to the model or to TrainConfig;
+`check_space` checks all of it without TensorFlow or Ray, before anything is created.
+
+Which model a search trains has one owner per kind:
+- cnn3v2: the space file's `model:` names it (TrainConfig.model is replaced by it);
+- head: the file names no model; the backbone is TrainConfig.model (the CLI's `--backbone`),
+  which must be a transfer model.
+
+A search directory (names in `runs.py`) holds `search.json` (its resolved configuration),
+`results.csv` (a row per trial), `best.json`, `trials/<id>/` (each trial's history and
+TensorBoard logs), `tune/` (Ray Tune's state, for `--resume`), `final/` (the best
+configuration as a training run, tested once) and `report.html`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
-import pathlib
+from typing import Callable
 
-from dogbreeds import models
-from dogbreeds.config import DataConfig, TrainConfig
-
-SEARCH_SPACES_DIR = pathlib.Path(__file__).resolve().parents[1] / "search_spaces"
+from dogbreeds import models, runs, spaces
+from dogbreeds.config import DataConfig, TrainConfig, to_dict
+from dogbreeds.spaces import active_values, to_tune_space  # also search.py's API (bench.py, tests)
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """How a search runs; the data and training configurations say what each trial does."""
 
-    # A YAML file in search_spaces/ (its `search:` says which search it is).
+    # A YAML file, or the name of one in search_spaces/ (its `search:` says which search it is).
     space: str
     # How many configurations to try.
     trials: int = 8
@@ -44,82 +53,108 @@ class SearchConfig:
     scheduler: str = "asha"
     # Retries of a crashed trial (it resumes from its last checkpoint).
     max_trial_failures: int = 2
-    # Retrain the best configuration without the subset and evaluate it once on the test split.
+    # Retrain the best configuration without the subset and evaluate it once on the test split
+    # (a cnn3v2 search; a head search always joins its best head to the backbone and tests it).
     retrain_best: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
-# Search spaces: YAML -> keras_tuner.HyperParameters -> Ray Tune.
+# The registry of searches.
 
 
-def load_space(path: str | os.PathLike):
-    """Read a search-space file into (keras_tuner.HyperParameters, the file's other keys)."""
-    import keras_tuner
-    import yaml
+@dataclasses.dataclass(frozen=True)
+class SearchKind:
+    """A kind of search: what the CLI's `search <name>` runs, and what its space file holds."""
 
-    path = pathlib.Path(path)
-    if not path.is_file():
-        path = SEARCH_SPACES_DIR / f"{path}.yaml" if not path.suffix else path
-    if not path.is_file():
-        known = sorted(p.stem for p in SEARCH_SPACES_DIR.glob("*.yaml"))
-        raise ValueError(f"search space not found: {path}; known: {known}")
-    spec = yaml.safe_load(path.read_text())
-    hp = keras_tuner.HyperParameters()
-    kinds = {"Int": hp.Int, "Float": hp.Float, "Choice": hp.Choice, "Boolean": hp.Boolean, "Fixed": hp.Fixed}
-    for name, options in spec.pop("hyperparameters").items():
-        options = dict(options)
-        kind, conditions = options.pop("type"), options.pop("conditions", {})
-        if kind not in kinds:
-            raise ValueError(f"{path.name}: {name} has unknown type {kind!r}; known: {sorted(kinds)}")
-        if len(conditions) > 1:
-            raise ValueError(f"{path.name}: {name} may depend on one parent only")
-        if conditions:
-            (parent, values), = conditions.items()
-            with hp.conditional_scope(parent, values):
-                kinds[kind](name, **options)
-        else:
-            kinds[kind](name, **options)
-    return hp, spec
+    name: str
+    run: Callable[..., dict]  # (data_config, train_config, search_config, output, ...) -> best
+    default_space: str  # a packaged search space (search_spaces/<name>.yaml)
+    description: str
+    # True: the space file's `model:` names the model; False: TrainConfig.model is a backbone.
+    model_from_file: bool
 
 
-def to_tune_space(hp) -> dict:
-    """The Ray Tune space of a keras_tuner.HyperParameters (conditions are applied per trial
-    by `active_values`)."""
-    from ray import tune
-
-    space = {}
-    for parameter in hp.space:
-        config = parameter.get_config()
-        kind = type(parameter).__name__
-        if kind == "Int":
-            log = config["sampling"] == "log"
-            step = config["step"] or 1
-            space[parameter.name] = (
-                tune.lograndint(config["min_value"], config["max_value"] + 1)
-                if log else tune.qrandint(config["min_value"], config["max_value"], step)
-            )
-        elif kind == "Float":
-            low, high, step = config["min_value"], config["max_value"], config["step"]
-            if config["sampling"] == "log":
-                space[parameter.name] = tune.loguniform(low, high)
-            elif step:
-                space[parameter.name] = tune.quniform(low, high, step)
-            else:
-                space[parameter.name] = tune.uniform(low, high)
-        elif kind == "Choice":
-            space[parameter.name] = tune.choice(config["values"])
-        elif kind == "Boolean":
-            space[parameter.name] = tune.choice([True, False])
-        else:  # Fixed
-            space[parameter.name] = config["value"]
-    return space
+SEARCHES: dict[str, SearchKind] = {}
 
 
-def active_values(hp, config: dict) -> dict:
-    """A trial's values, leaving out the ones whose conditions do not hold."""
-    trial = hp.copy()
-    trial.values.update({p.name: config[p.name] for p in hp.space if p.name in config})
-    return {p.name: config[p.name] for p in hp.space if p.name in config and trial.is_active(p)}
+def register_search(name: str, *, default_space: str, description: str, model_from_file: bool):
+    """Register a search function under `name` (the space files' `search:` value)."""
+
+    def decorator(run):
+        SEARCHES[name] = SearchKind(name, run, default_space, description, model_from_file)
+        return run
+
+    return decorator
+
+
+# ---------------------------------------------------------------------------------------------
+# Search spaces, checked for the search that runs them.
+
+
+def check_space(space: str | os.PathLike, kind: str | None = None, model: str | None = None) -> spaces.SearchSpace:
+    """Read a search-space file and check it for the search `kind` (None: the file's own),
+    without TensorFlow or Ray: `search:` is that registered kind, the model is the file's
+    `model:` (a cnn3v2 search) or `model`, a transfer model (a head search; None checks the
+    names against every transfer model's), and every hyperparameter is the model's or
+    TrainConfig's. Errors are one line naming the file and the key."""
+    checked = spaces.read_space(space)
+    if checked.search is None:
+        raise checked.error("search", f"missing; known: {', '.join(SEARCHES)}")
+    if checked.search not in SEARCHES:
+        raise checked.error("search", f"unknown search {checked.search!r}; known: {', '.join(SEARCHES)}")
+    kind = kind or checked.search
+    if kind not in SEARCHES:
+        raise ValueError(f"unknown search {kind!r}; known: {', '.join(SEARCHES)}")
+    if checked.search != kind:
+        raise checked.error(
+            "search",
+            f"the file is for the {checked.search} search, not {kind} (its default space is "
+            f"{SEARCHES[kind].default_space})",
+        )
+    if SEARCHES[kind].model_from_file:
+        if checked.model is None:
+            raise checked.error("model", f"missing: a {kind} search trains the model the file names; known: {', '.join(models.list_models())}")
+        if checked.model not in models.list_models():
+            raise checked.error("model", f"unknown model {checked.model!r}; known: {', '.join(models.list_models())}")
+        names = _hyperparameter_names([checked.model])
+        owner = checked.model
+    else:
+        if checked.model is not None:
+            raise checked.error("model", f"a {kind} search trains a head on the backbone it is given (--backbone): remove model:")
+        backbones = transfer_models()
+        if model is not None and model not in backbones:
+            raise ValueError(f"{model} is not a transfer model (it has no backbone); known: {', '.join(backbones)}")
+        names = _hyperparameter_names([model] if model else backbones)
+        owner = model or "the transfer models"
+    spaces.check_names(checked, names, owner)
+    return checked
+
+
+def transfer_models() -> list[str]:
+    """The registered models on a frozen backbone: what a head search may use."""
+    return [name for name in models.list_models() if models.get_model_spec(name).backbone]
+
+
+# TrainConfig fields a search space may not set: what a trial trains is decided above.
+_NOT_SEARCHABLE = ("model", "hparams")
+
+
+def _hyperparameter_names(model_names: list[str]) -> set[str]:
+    """What a search space may set: the models' hyperparameters, or TrainConfig's fields."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(_NOT_SEARCHABLE)
+    for name in model_names:
+        names |= set(models.get_model_spec(name).hparams)
+    return names
+
+
+def load_space(space: str | os.PathLike):
+    """Read a search-space file into (keras_tuner.HyperParameters, the file's other keys);
+    checked for its own `search:` kind (`check_space`). Imports TensorFlow."""
+    checked = check_space(space)
+    spec = {"search": checked.search, "metric": checked.metric}
+    if checked.model is not None:
+        spec["model"] = checked.model
+    return spaces.build_hyperparameters(checked), spec
 
 
 def split_values(model: str, values: dict) -> tuple[dict, dict]:
@@ -135,13 +170,31 @@ def split_values(model: str, values: dict) -> tuple[dict, dict]:
     )
 
 
+def _start_search(output: str, data_config: DataConfig, train_config: TrainConfig,
+                  search: SearchConfig, space: spaces.SearchSpace, resume: bool) -> str:
+    """Create the search directory and save the search's resolved configuration there
+    (`runs.SEARCH_CONFIG`); a directory holding another search is an error unless `resume`."""
+    from dogbreeds.train import versions
+
+    output = os.path.abspath(output)
+    if os.path.exists(os.path.join(output, runs.TUNE, runs.TUNE_NAME)) and not resume:
+        raise ValueError(f"{output} holds a search already: pass --resume, or choose another --output")
+    os.makedirs(output, exist_ok=True)
+    runs.write_json(os.path.join(output, runs.SEARCH_CONFIG), {
+        "data": to_dict(data_config), "train": to_dict(train_config), "search": to_dict(search),
+        "space": space.as_dict(), "versions": versions(),
+    })
+    return output
+
+
 # ---------------------------------------------------------------------------------------------
 # The Tune side, common to both searches.
 
 
 def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resume: bool, seed: int,
-              callbacks: list | None = None):
-    """Run (or with `resume`, continue) a Ray Tune search; returns its ResultGrid.
+              callbacks: list | None = None, metric: str = spaces.DEFAULT_METRIC):
+    """Run (or with `resume`, continue) a Ray Tune search selecting on `metric` (a key of
+    `spaces.METRICS`, in its direction); returns its ResultGrid.
 
     `callbacks` are Tune callbacks (a restored search keeps the ones it started with)."""
     import ray
@@ -149,7 +202,7 @@ def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resum
 
     if not ray.is_initialized():
         ray.init()
-    storage = os.path.join(os.path.abspath(output), "tune")
+    storage = os.path.join(os.path.abspath(output), runs.TUNE)
     path = os.path.join(storage, name)
     if resume and tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -176,8 +229,8 @@ def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resum
         trainable,
         param_space=to_tune_space(hp),
         tune_config=tune.TuneConfig(
-            metric="val_accuracy",
-            mode="max",
+            metric=metric,
+            mode=spaces.METRICS[metric],
             num_samples=search.trials,
             # Random search limits concurrency itself (above); Optuna through Tune's limiter.
             max_concurrent_trials=None if search.algorithm == "random" else search.concurrent_trials,
@@ -197,43 +250,52 @@ def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resum
     return tuner.fit()
 
 
-def write_results(results, hp, output: str, search_name: str) -> dict:
-    """`results.csv` (a row per trial) and `best.json` from a ResultGrid; returns the best."""
+def write_results(results, hp, output: str, search_name: str, metric: str = spaces.DEFAULT_METRIC) -> dict:
+    """`results.csv` (a row per trial, at each trial's best epoch by `metric`) and `best.json`
+    (the best trial by `metric`) from a ResultGrid; returns the best."""
+    better = max if spaces.METRICS[metric] == "max" else min
     rows = []
     for result in results:
         history = result.metrics_dataframe
         trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
         values = active_values(hp, result.config)
-        best_accuracy = float(history["val_accuracy"].max()) if history is not None and "val_accuracy" in history else None
-        best_row = history.loc[history["val_accuracy"].idxmax()] if best_accuracy is not None else {}
+        reported = history is not None and metric in history and history[metric].notna().any()
+        best_epoch = history.loc[getattr(history[metric], f"idx{spaces.METRICS[metric]}")()] if reported else {}
         rows.append({
             "trial_id": trial_id,
             "status": "error" if result.error else "done",
             "seconds": round(float((result.metrics or {}).get("time_total_s", 0.0)), 2),
-            "val_accuracy": best_accuracy,
-            "val_loss": float(best_row["val_loss"]) if best_accuracy is not None else None,
+            **{name: _number(best_epoch, name) if reported else None
+               for name in dict.fromkeys(("val_accuracy", "val_loss", metric))},
             "epochs": int(history["epoch"].max()) if history is not None and "epoch" in history else 0,
             **{f"hp_{name}": values.get(name) for name in (p.name for p in hp.space)},
         })
     rows.sort(key=lambda row: row["trial_id"])
-    with open(os.path.join(output, "results.csv"), "w", newline="") as handle:
+    with open(os.path.join(output, runs.RESULTS), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    finished = [row for row in rows if row["val_accuracy"] is not None]
+    finished = [row for row in rows if row[metric] is not None]
     if not finished:
-        raise ValueError("no trial finished an epoch: see the errors in results.csv")
-    best_row = max(finished, key=lambda row: row["val_accuracy"])
+        raise ValueError(f"no trial reported {metric}: see the errors in {runs.RESULTS}")
+    best_row = better(finished, key=lambda row: row[metric])
     best = {
         "search": search_name,
         "trial_id": best_row["trial_id"],
+        "metric": metric,
+        metric: best_row[metric],
         "val_accuracy": best_row["val_accuracy"],
         "hparams": {k[3:]: v for k, v in best_row.items() if k.startswith("hp_") and v is not None},
         "trials": len(rows),
     }
-    with open(os.path.join(output, "best.json"), "w") as handle:
-        json.dump(best, handle, indent=1)
+    runs.write_json(os.path.join(output, runs.BEST), best)
     return best
+
+
+def _number(row, name: str) -> float | None:
+    """A metric of a history row, or None when the trial did not report it."""
+    value = row.get(name) if hasattr(row, "get") else None
+    return None if value is None or value != value else float(value)  # NaN: not reported
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +326,8 @@ def _release_stopped_runs(trials_dir: str):
     asks the dashboard's State API whether the controller lives, which a Ray without a
     dashboard, or a machine running several Rays, does not answer. So the search removes the
     group of each finished trial once its workers are gone: its controller is dead by then
-    and cannot restart them in a new group (removing a group with live workers could).
+    and cannot restart them in a new group (removing a group with live workers could). The
+    trial's run records its group with `runs.record_placement_group`.
     """
     import time
 
@@ -282,10 +345,9 @@ def _release_stopped_runs(trials_dir: str):
             self.groups = set()  # placement groups of finished trials, not yet removed
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            path = os.path.join(trials_dir, trial.trial_id, "ray", "placement_group.json")
-            if os.path.exists(path):  # written by the run's rank 0 (train.py)
-                with open(path) as handle:
-                    self.groups.add(json.load(handle)["id"])
+            group_id = runs.recorded_placement_group(os.path.join(trials_dir, trial.trial_id))
+            if group_id:
+                self.groups.add(group_id)
 
         on_trial_error = on_trial_complete
 
@@ -311,21 +373,27 @@ def _release_stopped_runs(trials_dir: str):
     return ReleaseStoppedRuns()
 
 
+@register_search(
+    "cnn3v2", default_space="cnn3v2", model_from_file=True,
+    description="the study's cnn3v2 search: a Ray Train run per trial",
+)
 def search_cnn3v2(
     data_config: DataConfig, train_config: TrainConfig, search: SearchConfig, output: str,
     resume: bool = False,
 ) -> dict:
-    """The study's cnn3v2 search on Ray Tune, then the best configuration retrained on all the
-    training data (no subset) and tested once. Returns best.json's contents."""
+    """The study's search of the space file's model on Ray Tune, then the best configuration
+    retrained on all the training data (no subset) and tested once. Returns best.json's
+    contents."""
     from ray import tune
 
     from dogbreeds.train import absolute_paths, run_training
 
-    hp, spec = load_space(search.space)
-    output = os.path.abspath(output)
-    os.makedirs(output, exist_ok=True)
-    data_config, train_config = absolute_paths(data_config, dataclasses.replace(train_config, model=spec["model"]))
-    trials_dir = os.path.join(output, "trials")
+    space = check_space(search.space, "cnn3v2")  # before anything is created
+    train_config = dataclasses.replace(train_config, model=space.model)
+    data_config, train_config = absolute_paths(data_config, train_config)
+    output = _start_search(output, data_config, train_config, search, space, resume)
+    hp = spaces.build_hyperparameters(space)
+    trials_dir = os.path.join(output, runs.TRIALS)
     trainable = tune.with_parameters(
         _cnn3v2_trial, hp=hp, data_config=data_config, train_config=train_config,
         trials_dir=trials_dir,
@@ -334,17 +402,16 @@ def search_cnn3v2(
     # whole CPU for it would leave a 2-worker trial waiting forever on a 2-CPU machine (Tune
     # refuses an empty request, hence a sliver).
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    results = run_tuner(trainable, hp, search, output, "search", resume, data_config.seed,
-                        callbacks=[_release_stopped_runs(trials_dir)])
-    best = write_results(results, hp, output, "cnn3v2")
+    results = run_tuner(trainable, hp, search, output, runs.TUNE_NAME, resume, data_config.seed,
+                        callbacks=[_release_stopped_runs(trials_dir)], metric=space.metric)
+    best = write_results(results, hp, output, "cnn3v2", space.metric)
     if search.retrain_best:
         model_hparams, overrides = split_values(train_config.model, best["hparams"])
         final_data = dataclasses.replace(data_config, subset_per_class=None, subset_fraction=None)
         final_train = dataclasses.replace(train_config, hparams=model_hparams, **overrides)
-        final = run_training(final_data, final_train, os.path.join(output, "final"), resume=resume)
+        final = run_training(final_data, final_train, os.path.join(output, runs.FINAL), resume=resume)
         best["final"] = {"validation": final["validation"]["top1"], "test": final["test"]["top1"]}
-        with open(os.path.join(output, "best.json"), "w") as handle:
-            json.dump(best, handle, indent=1)
+        runs.write_json(os.path.join(output, runs.BEST), best)
     return best
 
 
@@ -384,12 +451,11 @@ def fit_head(values: dict, train_config: TrainConfig, features: dict, num_classe
         batch_size=train_config.per_worker_batch_size,
         epochs=train_config.epochs,
         validation_data=(validation["features"], keras.utils.to_categorical(validation["labels"], num_classes)),
-        callbacks=build_callbacks(train_config, os.path.join(trial_dir, "tensorboard")) + [Report()],
+        callbacks=build_callbacks(train_config, os.path.join(trial_dir, runs.TENSORBOARD)) + [Report()],
         verbose=0,
     )
-    head.save_weights(os.path.join(trial_dir, "head.weights.h5"))
-    with open(os.path.join(trial_dir, "history.json"), "w") as handle:
-        json.dump(history, handle, indent=1)
+    head.save_weights(os.path.join(trial_dir, runs.HEAD_WEIGHTS))
+    runs.write_json(os.path.join(trial_dir, runs.HISTORY), history)
     return head, history
 
 
@@ -404,66 +470,63 @@ def _head_trial(config, *, hp, train_config, features, num_classes, trials_dir):
     fit_head(active_values(hp, config), train_config, features, num_classes, trial_dir, tune.report)
 
 
+@register_search(
+    "head", default_space="transfer_head", model_from_file=False,
+    description="the transfer-head search on cached backbone features",
+)
 def search_head(
     data_config: DataConfig, train_config: TrainConfig, search: SearchConfig, output: str,
-    views: int = 2, features_dir: str | None = None, actors: int = 1, gpus_per_actor: float = 0,
+    features_dir: str | None = None, actors: int = 1, gpus_per_actor: float = 0,
     resume: bool = False,
 ) -> dict:
-    """The transfer-head search for `train_config.model` (a transfer model): features once,
-    head trials on them, then the best head joined to its backbone and tested end to end on
-    the test photos. Returns best.json's contents."""
+    """The transfer-head search on the backbone `train_config.model` (a transfer model):
+    features once (`max(data_config.augmented_views, 1)` augmented views of each train photo,
+    as training uses), head trials on them, then the best head joined to its backbone and
+    tested end to end on the test photos. Returns best.json's contents."""
     from ray import tune
 
     from dogbreeds import data
     from dogbreeds.features import cache_features
     from dogbreeds.train import absolute_paths
 
-    spec = models.get_model_spec(train_config.model)
-    if not spec.backbone:
-        raise ValueError(f"{train_config.model} has no backbone; known: {[m for m in models.list_models() if models.get_model_spec(m).backbone]}")
-    hp, _ = load_space(search.space)
-    output = os.path.abspath(output)
-    os.makedirs(output, exist_ok=True)
+    space = check_space(search.space, "head", train_config.model)  # before anything is created
     data_config, train_config = absolute_paths(data_config, train_config)
+    output = _start_search(output, data_config, train_config, search, space, resume)
+    hp = spaces.build_hyperparameters(space)
     image_size = models.resolve_input(train_config.model, data_config.image_size).image_size
+    views = max(data_config.augmented_views, 1)
     index = data.load_index(data_config)
     features = cache_features(
         index, train_config.model, train_config.weights, image_size, views, data_config,
-        features_dir or os.path.join(output, "features"), actors, gpus_per_actor,
+        features_dir or os.path.join(output, runs.FEATURES), actors, gpus_per_actor,
     )
     print(f"features: {'reused' if features['cached'] else 'computed'} in {features['seconds']} s: {os.path.dirname(features['train'])}")
     trainable = tune.with_parameters(
         _head_trial, hp=hp, train_config=train_config, features=features,
-        num_classes=index.num_classes, trials_dir=os.path.join(output, "trials"),
+        num_classes=index.num_classes, trials_dir=os.path.join(output, runs.TRIALS),
     )
     trainable = tune.with_resources(trainable, {"CPU": train_config.cpus_per_worker, "GPU": train_config.gpus_per_worker})
-    results = run_tuner(trainable, hp, search, output, "search", resume, data_config.seed)
-    best = write_results(results, hp, output, "head")
+    results = run_tuner(trainable, hp, search, output, runs.TUNE_NAME, resume, data_config.seed,
+                        metric=space.metric)
+    best = write_results(results, hp, output, "head", space.metric)
     best["features"] = features
 
-    metrics = _join_best_head(output, best, index, data_config, train_config, image_size, views)
+    metrics = _join_best_head(output, best, index, data_config, train_config, image_size)
     best["final"] = {"validation": metrics["validation"]["top1"], "test": metrics["test"]["top1"]}
-    with open(os.path.join(output, "best.json"), "w") as handle:
-        json.dump(best, handle, indent=1)
+    runs.write_json(os.path.join(output, runs.BEST), best)
     return best
 
 
-def _join_best_head(output, best, index, data_config, train_config, image_size, views) -> dict:
+def _join_best_head(output, best, index, data_config, train_config, image_size) -> dict:
     """The best head joined to its backbone as one Keras model (raw photo in, breed out),
     evaluated end to end, written as `final/` like a training run; returns its metrics."""
-    import shutil
-
     from dogbreeds import data, evaluate
-    from dogbreeds.config import to_dict
     from dogbreeds.train import versions
 
-    final_dir = os.path.join(output, "final")
-    trial_dir = os.path.join(output, "trials", best["trial_id"])
-    os.makedirs(final_dir, exist_ok=True)
+    trial_dir = runs.trial_dir(output, best["trial_id"])
     head_hparams, overrides = split_values(train_config.model, best["hparams"])
     model = models.create_model(train_config.model, index.num_classes, image_size, train_config.weights, head_hparams)
-    model.get_layer("head").load_weights(os.path.join(trial_dir, "head.weights.h5"))
-    model.save(os.path.join(final_dir, "model.keras"))
+    model.get_layer("head").load_weights(os.path.join(trial_dir, runs.HEAD_WEIGHTS))
     metrics = {"model": train_config.model, "image_size": image_size, "class_names": index.class_names}
     skipped = list(index.skipped)
     for split in ("validation", "test"):
@@ -471,15 +534,14 @@ def _join_best_head(output, best, index, data_config, train_config, image_size, 
         metrics[split], confusions = evaluate.evaluate_model(model, images, labels, index.class_names)
         skipped += split_skipped
     metrics["skipped"] = [list(item) for item in skipped]
-    evaluate.write_confusions(os.path.join(final_dir, "confusions.csv"), confusions)
-    shutil.copy(os.path.join(trial_dir, "history.json"), os.path.join(final_dir, "history.json"))
     config = {
         "data": to_dict(data_config),
         "train": to_dict(dataclasses.replace(train_config, hparams=head_hparams, **overrides)),
-        "views": views,
         "versions": versions(),
     }
-    for name, value in (("metrics.json", metrics), ("config.json", config)):
-        with open(os.path.join(final_dir, name), "w") as handle:
-            json.dump(value, handle, indent=1)
+    runs.write_final_run(
+        os.path.join(output, runs.FINAL), model=model, metrics=metrics,
+        history=runs.read_json(os.path.join(trial_dir, runs.HISTORY)), confusions=confusions,
+        config=config,
+    )
     return metrics

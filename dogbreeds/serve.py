@@ -22,6 +22,7 @@ never joins a batch.
 import asyncio
 import dataclasses
 import io
+import logging
 import math
 import os
 import re
@@ -34,85 +35,14 @@ import numpy as np
 import pydantic
 from ray import serve
 
-from dogbreeds import novelty
+from dogbreeds.config import ServeArgs
+from dogbreeds.data import IMAGE_EXTENSIONS  # data.py loads TensorFlow only when it decodes
 
 # What Pillow identifies and TensorFlow's decoder reads (MPO is a camera's multi-picture JPEG).
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
 SUPPORTED_NAMES = "JPEG, PNG, GIF, BMP or WebP"
 # The number of breeds `POST /predict` answers when the query does not say (`?k=`).
 DEFAULT_TOP_K = 5
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-
-
-class ServeArgs(pydantic.BaseModel):
-    """The typed arguments of `build_app`; `serve deploy` validates a config's `args` here."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    # The bundle directory written by `dogbreeds export` (bundle.json and model.keras).
-    bundle: str
-    # Largest batch of photos per model call; one call of 32 costs far less than 32 of one.
-    max_batch_size: int = pydantic.Field(32, ge=1)
-    # How long the first photo of a batch waits for others; 10 ms is small against a call.
-    batch_wait_ms: float = pydantic.Field(10.0, ge=0)
-    # Classifier replicas (each holds the model once); with max_replicas, the autoscaling floor.
-    num_replicas: int = pydantic.Field(1, ge=1)
-    # Set: Serve autoscales the classifier between num_replicas and this many replicas.
-    max_replicas: Optional[int] = pydantic.Field(None, ge=1)
-    # Logical CPUs reserved per classifier replica.
-    num_cpus_per_replica: float = pydantic.Field(1.0, ge=0)
-    # GPUs per classifier replica; 0 runs the model on CPUs.
-    num_gpus_per_replica: float = pydantic.Field(0.0, ge=0)
-    # TensorFlow's threads per replica; 0: the replica's CPUs (num_cpus_per_replica rounded up,
-    # at least 1). TensorFlow's own default, every core of the node, spins threads against the
-    # other replicas and the ingress: 127 instead of 176 requests/s on 2 cores (`bench serve`).
-    tensorflow_threads: int = pydantic.Field(0, ge=0)
-    # Largest upload accepted, in bytes (10 MB): a bigger one is answered 413.
-    max_upload_bytes: int = pydantic.Field(10 * 1024 * 1024, ge=1)
-    # Largest photo in pixels (Pillow refuses above 179M anyway): decompression bombs are 422.
-    # Only the first frame of an animation is decoded, so this bounds every photo's decoding.
-    max_image_pixels: int = pydantic.Field(50_000_000, ge=1)
-    # Largest ratio of a photo's long side to its short one: a 999,999x1 PNG is 1 KB and costs
-    # 1.2 GB to resize. Panoramas stay under 10.
-    max_aspect_ratio: float = pydantic.Field(20.0, ge=1)
-    # Photos one classifier replica decodes at once: a 50 MP photo takes ~0.6 GB while it does.
-    max_concurrent_decodes: int = pydantic.Field(2, ge=1)
-    # Below this top probability the answer is `unsure` instead of a breed.
-    confidence_threshold: float = pydantic.Field(novelty.CONFIDENCE_THRESHOLD, ge=0, le=1)
-    # A folder of photos the UI offers as examples (up to 6, one per sub-folder); None: none.
-    examples_dir: Optional[str] = None
-    # Requests one ingress replica handles at once; Gradio's open event streams count too. A
-    # waiting request costs the ingress little, so room for many clients at their own bound.
-    max_ongoing_requests: int = pydantic.Field(512, ge=1)
-    # Requests Serve's router holds for the ingress (a burst of connections waits here before
-    # the ingress admits them); more get 503.
-    max_queued_requests: int = pydantic.Field(1024, ge=1)
-    # Requests in flight from one client address; more get 429, so one client cannot take all
-    # (a browser opens at most 6 connections to a site, and one event stream). `--haproxy`
-    # hides client addresses, so there the default is max_ongoing_requests.
-    max_requests_per_client: int = pydantic.Field(16, ge=1)
-    # Largest headers and query string of a request, in bytes (browsers send a few KB): more is 431.
-    max_header_bytes: int = pydantic.Field(32 * 1024, ge=1024)
-    # Largest body of any other request (Gradio's JSON routes carry a few KB): more is 413.
-    max_request_bytes: int = pydantic.Field(1024 * 1024, ge=1024)
-    # Files in one upload to the UI (the page sends one at a time): more is 413.
-    max_files_per_request: int = pydantic.Field(4, ge=1)
-    # Seconds for a request's body to arrive: slower clients get 408 (10 MB at ~3 Mbit/s).
-    body_timeout_s: float = pydantic.Field(30.0, gt=0)
-    # Seconds for a whole request, event streams included: then 504, or the stream is closed.
-    request_timeout_s: float = pydantic.Field(60.0, gt=0)
-    # Photos waiting in the UI's queue; past it the page says the service is busy.
-    ui_queue_size: int = pydantic.Field(64, ge=1)
-    # Uploads older than this many seconds are deleted from Gradio's cache (checked each minute,
-    # or sooner for a shorter age).
-    upload_cache_max_age_s: int = pydantic.Field(600, ge=1)
-    # Host headers answered ("*": any, "*.example.com": its subdomains); others get 400. On a
-    # cluster, list the names clients use.
-    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
-    # A file holding the API token that /predict and the UI then require (`Authorization:
-    # Bearer TOKEN`, or `/?token=TOKEN` once in a browser); DOGBREEDS_API_TOKEN in the
-    # replicas' environment works too. None and no variable: no token.
-    api_token_file: Optional[str] = None
 
 
 # The environment variable that holds the API token when no `api_token_file` is given.
@@ -188,7 +118,13 @@ class Classifier:
 
         from dogbreeds.export import load_bundle
 
-        threads = args.tensorflow_threads or max(1, math.ceil(args.num_cpus_per_replica))
+        reserved = max(1, math.ceil(args.num_cpus_per_replica))
+        threads = args.tensorflow_threads or reserved
+        if threads > reserved:
+            logging.getLogger("ray.serve").warning(
+                "tensorflow_threads %d > the replica's %d CPUs: its threads will contend with "
+                "the other replicas'", threads, reserved,
+            )
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
@@ -421,7 +357,10 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
 
     ui = build_ui(classifier, info, args)
     app = gradio.mount_gradio_app(
-        app, ui, path="/", max_file_size=args.max_upload_bytes, footer_links=["api"], ssr_mode=False
+        app, ui, path="/", max_file_size=args.max_upload_bytes, footer_links=["api"], ssr_mode=False,
+        # System fonts: the default theme fetches Google Fonts, which an offline server may not reach.
+        theme=gradio.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                 font_mono=["ui-monospace", "monospace"]),
     )
     # Gradio checks that a file named in an API call was uploaded only once its app counts as
     # launched, which mounting never marks: without this, any server file could be read.
@@ -478,12 +417,9 @@ def build_ui(classifier, info: dict, args: ServeArgs):
             return f"### Cannot read this photo\n{error.reason}", None
         return verdict_text(result, num_classes), {p["breed"]: p["probability"] for p in result["predictions"]}
 
-    # System fonts: the default theme fetches Google Fonts, which an offline server may not reach.
-    theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                           font_mono=["ui-monospace", "monospace"])
     # Uploads are deleted once older than upload_cache_max_age_s, checked every minute (or sooner).
     delete_cache = (min(60, args.upload_cache_max_age_s), args.upload_cache_max_age_s)
-    with gr.Blocks(title="dogbreeds", theme=theme, delete_cache=delete_cache) as ui:
+    with gr.Blocks(title="dogbreeds", delete_cache=delete_cache) as ui:
         gr.Markdown(
             f"# Which dog breed is this?\nUpload or paste a photo. Model {info['name']} "
             f"(version {info['version']}), {num_classes} breeds{accuracy}."
@@ -567,6 +503,12 @@ HAPROXY_ENV = {
 }
 
 
+# Serve's own log lines from the proxy and the replicas: warnings and errors (a replica that
+# fails, a request that raises) reach the console of `dogbreeds serve`; the access log, a line
+# per request, would drown them.
+SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
+
+
 def start_serve(host: str, port: int, ray_address: str | None = None, haproxy: bool = False,
                 request_timeout_s: float | None = None) -> None:
     """Connect to Ray (`ray_address`, or a new local Ray) and start Serve's HTTP proxy on
@@ -579,9 +521,11 @@ def start_serve(host: str, port: int, ray_address: str | None = None, haproxy: b
             raise ValueError(f"HAProxy mode is set when Ray starts: start it with {HAPROXY_ENV}")
         os.environ.update(HAPROXY_ENV)
     if not ray.is_initialized():
-        # "local": a new Ray of our own, never a cluster that `ray start` left running.
-        ray.init(address=ray_address or "local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
+        # "local": a new Ray of our own, never a cluster that `ray start` left running. The
+        # replicas' output reaches this console (their errors and warnings: SERVE_LOGGING).
+        ray.init(address=ray_address or "local", include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s},
+                logging_config=SERVE_LOGGING)
 
 
 def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
@@ -597,7 +541,7 @@ def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, ray_a
     # The proxy's own timeout, a little after the guard's, for what never reaches the ingress.
     start_serve(host, port, ray_address, haproxy, args.request_timeout_s + 5)
     try:
-        serve.run(application, name="dogbreeds", route_prefix="/")
+        serve.run(application, name="dogbreeds", route_prefix="/", logging_config=SERVE_LOGGING)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         url = f"http://{shown}:{port}"
         print(f"dogbreeds serve: {url}/  (JSON API: POST {url}/predict, docs: {url}/docs)", flush=True)

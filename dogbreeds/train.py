@@ -3,27 +3,22 @@ it on N workers with `TensorflowTrainer` (MultiWorkerMirroredStrategy).
 
     metrics = run_training(DataConfig(data_dir=...), TrainConfig(model="cnn3v2"), "runs/x")
 
-The run directory receives `config.json`, `model.keras`, `metrics.json`, `confusions.csv`,
-`history.json` and `tensorboard/`; Ray keeps a checkpoint each epoch under `ray/`, and a run
-whose worker dies resumes from the last one.
+The run directory (names in `runs.py`) receives `config.json`, `model.keras`, `metrics.json`,
+`confusions.csv`, `history.json` and `tensorboard/`; Ray keeps a checkpoint each epoch under
+`ray/`, and a run whose worker dies resumes from the last one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import signal
 import tempfile
 import threading
 import time
 
-from dogbreeds import data, evaluate, models
+from dogbreeds import data, evaluate, models, runs
 from dogbreeds.config import DataConfig, TrainConfig, from_dict, to_dict
-
-# Files of a finished run, copied from its final Ray checkpoint into the run directory.
-RUN_FILES = ("model.keras", "metrics.json", "confusions.csv", "history.json")
 
 
 def build_metrics():
@@ -68,23 +63,62 @@ def build_callbacks(train_config: TrainConfig, log_dir: str) -> list:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """What each Ray Train worker runs: read its share of the data, `fit`, report each epoch
-    with a checkpoint; then rank 0 evaluates the best weights on the test split."""
+    """What each Ray Train worker runs: read its share of the data, build the model (or restore
+    it from the last checkpoint), `fit` reporting each epoch with a checkpoint; then rank 0
+    evaluates the best weights and reports the run's files."""
     import ray.train
-    import tensorflow as tf
-    import tf_keras as keras
 
     data_config = from_dict(DataConfig, loop_config["data"])
     train_config = from_dict(TrainConfig, loop_config["train"])
+    run_dir = loop_config["run_dir"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+
+    strategy = _start_worker(train_config)
+    worker_data = _load_worker_data(data_config, train_config, rank, world_size)
+    model, initial_epoch, history = _build_or_restore_model(strategy, train_config, worker_data)
+    if rank == 0:
+        _record_placement_group(run_dir)
+    callbacks = _worker_callbacks(train_config, run_dir, rank, history)
+    train_seconds = _fit(model, train_config, worker_data, initial_epoch, callbacks, rank)
+    facts = {
+        "epochs_run": len(history),
+        "resumed_from_epoch": initial_epoch,  # > 0 when a restart resumed a checkpoint
+        "train_seconds": round(train_seconds, 2),
+        "workers": world_size,
+    }
+    _finish(model, history, data_config, train_config, worker_data, facts, rank,
+            evaluate_test=loop_config["evaluate_test"])
+
+
+def _start_worker(train_config: TrainConfig):
+    """TensorFlow's thread pools sized to the worker's CPUs, and the distribution strategy."""
+    import tensorflow as tf
+
     try:  # two TensorFlow processes with default pools fight over the same cores
         tf.config.threading.set_intra_op_parallelism_threads(train_config.cpus_per_worker)
         tf.config.threading.set_inter_op_parallelism_threads(train_config.cpus_per_worker)
     except RuntimeError:
         pass  # TensorFlow already started in this process: keep its pools
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy()
 
+
+@dataclasses.dataclass
+class WorkerData:
+    """One worker's share of the data, and the step counts every worker shares."""
+
+    index: data.DatasetIndex
+    image_size: int
+    train_dataset: object  # tf.data.Dataset
+    val_dataset: object  # tf.data.Dataset
+    steps_per_epoch: int
+    validation_steps: int
+    skipped: list  # (file, reason) of the photos of this share that did not decode
+
+
+def _load_worker_data(data_config: DataConfig, train_config: TrainConfig, rank: int,
+                      world_size: int) -> WorkerData:
+    """The worker's share of the train and validation photos as datasets."""
     image_size = models.resolve_input(train_config.model, data_config.image_size).image_size
     index = data.load_index(data_config)
     train_images, train_labels, skipped = data.load_images(
@@ -98,99 +132,132 @@ def train_loop_per_worker(loop_config: dict) -> None:
     views = max(data_config.augmented_views, 1)
     smallest_train = len(index.splits["train"]) // world_size * views
     smallest_val = max(len(index.splits["validation"]) // world_size, 1)
-    steps_per_epoch = max(smallest_train // batch_size, 1)
-    validation_steps = max(-(-smallest_val // batch_size), 1)
-    train_dataset = data.make_dataset(
-        train_images, train_labels, index.num_classes, batch_size, data_config, True, True
+    return WorkerData(
+        index=index,
+        image_size=image_size,
+        train_dataset=data.make_dataset(
+            train_images, train_labels, index.num_classes, batch_size, data_config, True, True
+        ),
+        val_dataset=data.make_dataset(
+            val_images, val_labels, index.num_classes, batch_size, data_config, False, True
+        ),
+        steps_per_epoch=max(smallest_train // batch_size, 1),
+        validation_steps=max(-(-smallest_val // batch_size), 1),
+        skipped=skipped + val_skipped,
     )
-    val_dataset = data.make_dataset(
-        val_images, val_labels, index.num_classes, batch_size, data_config, False, True
-    )
+
+
+def _build_or_restore_model(strategy, train_config: TrainConfig, worker_data: WorkerData):
+    """The compiled model under the strategy, and (initial epoch, history): (0, []) for a new
+    run, the last reported epoch's weights, history and learning rate for a restarted one."""
+    import ray.train
+    import tf_keras as keras
 
     keras.utils.set_random_seed(train_config.seed)
     with strategy.scope():
         model = models.create_model(
-            train_config.model, index.num_classes, image_size, train_config.weights,
-            train_config.hparams,
+            train_config.model, worker_data.index.num_classes, worker_data.image_size,
+            train_config.weights, train_config.hparams,
         )
         compile_model(model, train_config)
-
-    initial_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted run: continue from the last epoch reported
-        with checkpoint.as_directory() as directory:
-            model.load_weights(os.path.join(directory, "weights.h5"))
-            with open(os.path.join(directory, "state.json")) as handle:
-                state = json.load(handle)
-        initial_epoch, history = state["epoch"], state["history"]
-        keras.backend.set_value(model.optimizer.learning_rate, state["learning_rate"])
+    if not checkpoint:
+        return model, 0, []
+    with checkpoint.as_directory() as directory:  # a restarted run: continue from the last epoch
+        model.load_weights(os.path.join(directory, runs.CHECKPOINT_WEIGHTS))
+        state = runs.read_json(os.path.join(directory, runs.CHECKPOINT_STATE))
+    keras.backend.set_value(model.optimizer.learning_rate, state["learning_rate"])
+    return model, state["epoch"], state["history"]
 
-    run_dir = loop_config["run_dir"]
+
+def _record_placement_group(run_dir: str) -> None:
+    """Rank 0 records the workers' placement group: a search frees it if Tune stops the trial
+    mid-run (`runs.record_placement_group` says why)."""
+    import ray
+
     group = ray.util.get_current_placement_group()
-    if rank == 0 and group:  # a search frees it if Tune stops the trial mid-run (search.py)
-        _write_json(os.path.join(run_dir, "ray", "placement_group.json"), {"id": group.id.hex()})
-    # Only rank 0 writes where people look; the others write to scratch space.
-    log_dir = os.path.join(run_dir, "tensorboard") if rank == 0 else tempfile.mkdtemp()
-    callbacks = build_callbacks(train_config, log_dir) + [
-        _make_report_callback(rank, history, run_dir)
-    ]
+    if group:
+        runs.record_placement_group(run_dir, group)
+
+
+def _worker_callbacks(train_config: TrainConfig, run_dir: str, rank: int, history: list) -> list:
+    """The study's callbacks, and the report of each epoch to Ray. Only rank 0 writes where
+    people look; the others write their TensorBoard logs to scratch space."""
+    log_dir = os.path.join(run_dir, runs.TENSORBOARD) if rank == 0 else tempfile.mkdtemp()
+    return build_callbacks(train_config, log_dir) + [_make_report_callback(rank, history, run_dir)]
+
+
+def _fit(model, train_config: TrainConfig, worker_data: WorkerData, initial_epoch: int,
+         callbacks: list, rank: int) -> float:
+    """`model.fit` on the worker's share; returns the seconds it took."""
     started = time.time()
     model.fit(
-        train_dataset,
+        worker_data.train_dataset,
         epochs=train_config.epochs,
         initial_epoch=initial_epoch,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=val_dataset,
-        validation_steps=validation_steps,
+        steps_per_epoch=worker_data.steps_per_epoch,
+        validation_data=worker_data.val_dataset,
+        validation_steps=worker_data.validation_steps,
         callbacks=callbacks,
         verbose=2 if rank == 0 else 0,
     )
-    train_seconds = time.time() - started
+    return time.time() - started
 
-    # Every worker saves (saving a distributed model is collective); rank 0 evaluates its copy
-    # outside the strategy, so no other worker has to take part, and reports the final files.
+
+def _finish(model, history: list, data_config: DataConfig, train_config: TrainConfig,
+            worker_data: WorkerData, facts: dict, rank: int, evaluate_test: bool) -> None:
+    """The final checkpoint: every worker saves (saving a distributed model is collective);
+    rank 0 evaluates its copy outside the strategy, so no other worker has to take part, and
+    reports the run's files (`runs.write_final_run`) for the driver to copy."""
+    import ray.train
+    import tf_keras as keras
+
     with tempfile.TemporaryDirectory() as final_dir:
-        model.save(os.path.join(final_dir, "model.keras"))
+        model_path = os.path.join(final_dir, runs.MODEL)
+        model.save(model_path)
         _save_state(final_dir, model, history)  # resuming a finished run only re-evaluates
         final_checkpoint = None
         if rank == 0:
-            plain = keras.models.load_model(os.path.join(final_dir, "model.keras"))
-            test_skipped = []
-            full_val_images, full_val_labels, _ = data.load_images(
-                index.splits["validation"], image_size, data_config
-            )
-            val_metrics, confusions = evaluate.evaluate_model(
-                plain, full_val_images, full_val_labels, index.class_names
-            )
-            metrics = {
-                "model": train_config.model,
-                "image_size": image_size,
-                "class_names": index.class_names,
-                "validation": val_metrics,
-                "epochs_run": len(history),
-                "resumed_from_epoch": initial_epoch,  # > 0 when a restart resumed a checkpoint
-                "train_seconds": round(train_seconds, 2),
-                "workers": world_size,
-                "num_train_images": len(index.splits["train"]),
-            }
-            # Search trials stop here: the test split is for the final model only.
-            if loop_config["evaluate_test"]:
-                test_images, test_labels, test_skipped = data.load_images(
-                    index.splits["test"], image_size, data_config
-                )
-                metrics["test"], confusions = evaluate.evaluate_model(
-                    plain, test_images, test_labels, index.class_names
-                )
-            skipped = index.skipped + skipped + val_skipped + test_skipped
-            metrics["skipped"] = [list(item) for item in skipped]
-            _write_json(os.path.join(final_dir, "metrics.json"), metrics)
-            _write_json(os.path.join(final_dir, "history.json"), history)
-            evaluate.write_confusions(os.path.join(final_dir, "confusions.csv"), confusions)
+            plain = keras.models.load_model(model_path)
+            metrics, confusions = _evaluate_final(plain, data_config, train_config, worker_data, evaluate_test)
+            metrics.update(facts)
+            runs.write_final_run(final_dir, model=model_path, metrics=_ordered(metrics),
+                                 history=history, confusions=confusions)
             final_checkpoint = ray.train.Checkpoint.from_directory(final_dir)
         ray.train.report(
             {"final": 1, "epoch": len(history), **(history[-1] if history else {})},
             checkpoint=final_checkpoint,
         )
+
+
+def _evaluate_final(model, data_config: DataConfig, train_config: TrainConfig,
+                    worker_data: WorkerData, evaluate_test: bool) -> tuple[dict, list]:
+    """(metrics, confusions) of the trained model on the whole validation split, and on the
+    test split unless a search trial (the test split is for final models only)."""
+    index, image_size = worker_data.index, worker_data.image_size
+    images, labels, _ = data.load_images(index.splits["validation"], image_size, data_config)
+    val_metrics, confusions = evaluate.evaluate_model(model, images, labels, index.class_names)
+    metrics = {
+        "model": train_config.model,
+        "image_size": image_size,
+        "class_names": index.class_names,
+        "validation": val_metrics,
+        "num_train_images": len(index.splits["train"]),
+    }
+    test_skipped = []
+    if evaluate_test:
+        images, labels, test_skipped = data.load_images(index.splits["test"], image_size, data_config)
+        metrics["test"], confusions = evaluate.evaluate_model(model, images, labels, index.class_names)
+    skipped = index.skipped + worker_data.skipped + test_skipped
+    metrics["skipped"] = [list(item) for item in skipped]
+    return metrics, confusions
+
+
+def _ordered(metrics: dict) -> dict:
+    """metrics.json's keys in a reader's order: what was trained, how it did, how it ran."""
+    order = ("model", "image_size", "class_names", "validation", "epochs_run", "resumed_from_epoch",
+             "train_seconds", "workers", "num_train_images", "test", "skipped")
+    return {**{key: metrics[key] for key in order if key in metrics}, **metrics}
 
 
 def absolute_paths(data_config: DataConfig, train_config: TrainConfig):
@@ -210,19 +277,14 @@ def absolute_paths(data_config: DataConfig, train_config: TrainConfig):
     return data_config, train_config
 
 
-def _write_json(path: str, value) -> None:
-    with open(path, "w") as handle:
-        json.dump(value, handle, indent=1)
-
-
 def _save_state(directory: str, model, history: list) -> None:
     """What a restarted run needs: the weights, the epochs done and the learning rate."""
     import tf_keras as keras
 
-    model.save_weights(os.path.join(directory, "weights.h5"))
+    model.save_weights(os.path.join(directory, runs.CHECKPOINT_WEIGHTS))
     learning_rate = float(keras.backend.get_value(model.optimizer.learning_rate))
     state = {"epoch": len(history), "history": history, "learning_rate": learning_rate}
-    _write_json(os.path.join(directory, "state.json"), state)
+    runs.write_json(os.path.join(directory, runs.CHECKPOINT_STATE), state)
 
 
 def _make_report_callback(rank: int, history: list, run_dir: str):
@@ -236,7 +298,7 @@ def _make_report_callback(rank: int, history: list, run_dir: str):
             row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
             history.append(row)
             if rank == 0:  # live curves, and the history of a trial that a scheduler stops
-                _write_json(os.path.join(run_dir, "history.json"), history)
+                runs.write_json(os.path.join(run_dir, runs.HISTORY), history)
             with tempfile.TemporaryDirectory() as directory:
                 # Saving is collective under the strategy: every worker saves, rank 0 reports.
                 _save_state(directory, self.model, history)
@@ -272,11 +334,11 @@ def run_training(
         raise ValueError(f"weights file not found: {train_config.weights}")
     data_config, train_config = absolute_paths(data_config, train_config)
     run_dir = os.path.abspath(run_dir)
-    if os.path.exists(os.path.join(run_dir, "ray", "train")) and not resume:
+    if os.path.exists(os.path.join(run_dir, runs.RAY, runs.RAY_TRAIN)) and not resume:
         raise ValueError(f"{run_dir} holds a run already: resume it, or choose another output")
     os.makedirs(run_dir, exist_ok=True)
-    _write_json(
-        os.path.join(run_dir, "config.json"),
+    runs.write_json(
+        os.path.join(run_dir, runs.CONFIG),
         {"data": to_dict(data_config), "train": to_dict(train_config), "versions": versions()},
     )
     if not ray.is_initialized():
@@ -298,8 +360,8 @@ def run_training(
             resources_per_worker=resources,
         ),
         run_config=RunConfig(
-            name="train",
-            storage_path=os.path.join(run_dir, "ray"),
+            name=runs.RAY_TRAIN,
+            storage_path=os.path.join(run_dir, runs.RAY),
             failure_config=FailureConfig(max_failures=train_config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -314,10 +376,8 @@ def run_training(
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint_handler)
     with result.checkpoint.as_directory() as directory:
-        for name in RUN_FILES:
-            shutil.copy(os.path.join(directory, name), os.path.join(run_dir, name))
-    with open(os.path.join(run_dir, "metrics.json")) as handle:
-        return json.load(handle)
+        runs.copy_run_files(directory, run_dir)
+    return runs.read_json(os.path.join(run_dir, runs.METRICS))
 
 
 def versions() -> dict:

@@ -1,8 +1,20 @@
-"""Shared fixtures: the real stand-in data in ../shared and a local Ray per test module."""
+"""Shared fixtures: the real stand-in data in ../shared, one local Ray for the whole session,
+one harness for the tests that start Ray clusters of their own with `ray start`, and the
+session's trained runs (cnn3v2 from scratch; mobilenet_025 and its bundle), each trained once
+for every module that needs it."""
 
 import json
+import os
 import pathlib
+import random
+import re
+import shlex
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
+import time
 
 import pytest
 
@@ -15,6 +27,12 @@ TINY_DIR = SHARED / "data" / "tiny_dogs_64"
 NOT_DOGS_DIR = SHARED / "data" / "not_dogs"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots and reports kept after a run
+RAY = str(ROOT / ".venv" / "bin" / "ray")
+README = ROOT / "README.md"
+README_SETUP = 'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && '
+# Four logical CPUs on two cores: a run of two workers plus its driver must fit, and
+# TensorFlow's thread counts are set per worker.
+SESSION_RAY_CPUS = 4
 
 
 def free_port() -> int:
@@ -26,21 +44,158 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """One image cache for the whole session, as a user's ~/.cache would be."""
+    """One image cache for the whole session, as a user's ~/.cache would be: photos are
+    decoded once at each size, whichever test asks first."""
     return str(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray for each test module (whatever a module leaves reserved dies with it).
-    Four logical CPUs on two cores: a run of two workers plus its driver must fit, and
-    TensorFlow's thread counts are set per worker."""
+    """One real local Ray for the whole session, started by the first test that needs it
+    (starting one costs seconds; tests that need none never start it). A test must leave it
+    as it found it: tests/test_search.py checks that every CPU is free again after a search."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=SESSION_RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray clusters of their own: `ray start` nodes on this machine, as on a real cluster.
+
+
+def _free_port_range(size=40):
+    """A range of free ports for a node's workers (Ray's default range is shared with the
+    other clusters on this machine)."""
+    for _ in range(200):
+        first = random.randrange(20000, 60000 - size)
+        try:
+            for port in range(first, first + size):
+                with socket.socket() as probe:
+                    probe.bind(("", port))
+        except OSError:
+            continue
+        return first, first + size - 1
+    raise RuntimeError("no free port range")
+
+
+def _node_ports():
+    """Every port a node listens on, free ones: other Ray clusters run on this machine too."""
+    first, last = _free_port_range()
+    options = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+    return [*(x for option in options for x in (option, str(free_port()))),
+            "--min-worker-port", str(first), "--max-worker-port", str(last)]
+
+
+def cluster_environment(**extra) -> dict:
+    """The environment of every process of a `LocalCluster` and of every client of it: token
+    auth (as Ray 2.60 sets up), the project's Python first on PATH (a job's `python` is the
+    cluster's Python), and no RAY_ADDRESS pointing elsewhere."""
+    environment = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", **extra)
+    environment["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{environment['PATH']}"
+    environment.pop("RAY_ADDRESS", None)
+    return environment
+
+
+class LocalCluster:
+    """A head node and `workers` worker nodes, each a `ray start --block` in its own process
+    group and session, with its own temp dir (so no other `ray.init` on this machine finds it)
+    and free ports; a node is killed, and cleaned up, by its process group and session only.
+
+        cluster = LocalCluster(log_dir, workers=1, num_cpus=1)
+        cluster.start()    # returns once every node is alive
+        cluster.kill("worker")
+        cluster.stop()
+    """
+
+    def __init__(self, log_dir, workers=1, num_cpus=1, env=None):
+        import ray
+
+        self.log_dir, self.workers, self.num_cpus = str(log_dir), workers, num_cpus
+        self.address = ray.util.get_node_ip_address()  # the machine's own: no traffic leaves it
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = cluster_environment(**(env or {}))
+        self.nodes, self.temp_dirs = {}, []
+
+    def _start(self, role, options):
+        # Short temp dirs: Ray's Unix socket paths must stay under ~100 characters.
+        temp_dir = tempfile.mkdtemp(prefix=f"ray-{role}-", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
+        with open(os.path.join(self.log_dir, f"{role}.log"), "w") as log:
+            self.nodes[role] = subprocess.Popen(
+                [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus", str(self.num_cpus),
+                 "--object-store-memory", str(300 * 1024 * 1024), "--temp-dir", temp_dir, *options, *_node_ports()],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def log(self, role) -> str:
+        """The end of a node's `ray start` output."""
+        with open(os.path.join(self.log_dir, f"{role}.log")) as handle:
+            return handle.read()[-3000:]
+
+    def start(self, timeout=120):
+        self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "true",
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                             "--ray-client-server-port", str(free_port())])
+        deadline = time.time() + timeout
+        while time.time() < deadline and not self.state("nodes", quiet=True):
+            assert self.nodes["head"].poll() is None, f"the head exited:\n{self.log('head')}"
+            time.sleep(1)
+        for number in range(self.workers):
+            self._start("worker" if number == 0 else f"worker{number}", ["--address", f"{self.address}:{self.port}"])
+        while time.time() < deadline and len(self.alive_nodes()) < 1 + self.workers:
+            assert all(node.poll() is None for node in self.nodes.values()), "a node exited: see its log"
+            time.sleep(1)
+        assert len(self.alive_nodes()) == 1 + self.workers, f"the cluster did not form in {timeout} s"
+
+    def state(self, kind, *options, quiet=False):
+        """`ray list KIND` against the head's dashboard, as JSON."""
+        result = subprocess.run(
+            [RAY, "list", kind, "--address", self.dashboard, "--format", "json", "--limit", "10000", *options],
+            env=self.env, capture_output=True, text=True, timeout=120,
+        )
+        try:
+            if result.returncode:
+                raise ValueError(result.stderr[-2000:])
+            return json.loads(result.stdout)
+        except ValueError:  # the dashboard is not up yet, or answered with a message
+            if quiet:
+                return []
+            raise
+
+    def alive_nodes(self):
+        return {node["node_id"]: node["is_head_node"] for node in self.state("nodes", quiet=True) if node["state"] == "ALIVE"}
+
+    def kill(self, role):
+        """SIGKILL a node's process group, then whatever of its session left the group."""
+        import psutil
+
+        node = self.nodes.pop(role)
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.wait()
+        for process in psutil.process_iter():
+            try:
+                if os.getsid(process.pid) == node.pid:
+                    process.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+
+    def stop(self):
+        for role in list(self.nodes):
+            self.kill(role)
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs and bundles.
 
 
 def tiny_run_dir(path: pathlib.Path, model=None) -> str:
@@ -70,28 +225,88 @@ def tiny_bundle_dir(tmp_path) -> pathlib.Path:
     return tmp_path / "bundle"
 
 
-@pytest.fixture(scope="session")
-def mobilenet_run_dir(tmp_path_factory, cache_dir) -> str:
-    """mobilenet_025 on the real backbone, one epoch at 128 px on tiny_dogs_64: one training
-    run for the session, which each module that serves it exports as it needs. On the Ray of
-    the module that asks first, or a local Ray of its own."""
-    import ray
+# The hyperparameters of the session's cnn3v2 run, which tests/test_report.py uses as one trial
+# of a search (its second trial differs in both).
+CNN3V2_RUN_OPTIONS = ["--learning-rate", "0.001", "--batch-size", "32"]
 
+
+def train_cnn3v2(output, cache_dir, *options) -> pathlib.Path:
+    """`dogbreeds train cnn3v2` on tiny_dogs_64 for 2 epochs at 32 x 32 on one worker: a real
+    run, with curves, test metrics and confusions, in seconds."""
     from dogbreeds import cli
 
-    run_dir = str(tmp_path_factory.mktemp("mobilenet") / "mobilenet")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    argv = ["train", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32", "--epochs", "2",
+            "--workers", "1", "--output", str(output), "--cache-dir", cache_dir, *options]
+    assert cli.main(argv) == 0
+    return pathlib.Path(output)
+
+
+@pytest.fixture(scope="session")
+def cnn3v2_run_dir(ray_cluster, cache_dir, tmp_path_factory) -> pathlib.Path:
+    """One `train_cnn3v2` run for the session (the report renders it, novelty exports it);
+    tests may add files to it but change none."""
+    return train_cnn3v2(tmp_path_factory.mktemp("cnn3v2"), cache_dir, *CNN3V2_RUN_OPTIONS)
+
+
+def readme_commands() -> list[str]:
+    """Every `.venv/bin/dogbreeds` command in the README's bash blocks, in order, without that
+    prefix (and without the quick start's set-up)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.strip().splitlines():
+            line = line.removeprefix(README_SETUP)
+            if line.startswith(".venv/bin/dogbreeds "):
+                commands.append(line.removeprefix(".venv/bin/dogbreeds "))
+    return commands
+
+
+def run_readme_command(command: str, runs: pathlib.Path) -> None:
+    """A README command as written, from the project's root, its `runs/` moved to `runs`; it
+    exits 0 and writes every `--output` it names."""
+    from dogbreeds import cli
+
+    argv = [arg.replace("runs/", f"{runs}/") for arg in shlex.split(command)]
+    here = os.getcwd()
+    os.chdir(ROOT)
     try:
-        assert cli.main([
-            "train", "mobilenet_025", "--data-dir", str(TINY_DIR), "--image-size", "128", "--epochs", "1",
-            "--workers", "1", "--weights", str(MOBILENET_WEIGHTS), "--output", run_dir, "--cache-dir", cache_dir,
-        ]) == 0
+        assert cli.main(argv) == 0
     finally:
-        if started:
-            ray.shutdown()
-    return run_dir
+        os.chdir(here)
+    for output in re.findall(r"--output runs/(\S+)", command):
+        assert (runs / output).exists()
+
+
+@pytest.fixture(scope="session")
+def readme_runs(tmp_path_factory) -> pathlib.Path:
+    """The README's `runs/`, shared by its commands as it is for a reader."""
+    return tmp_path_factory.mktemp("readme") / "runs"
+
+
+def _readme_run(prefix: str, runs: pathlib.Path) -> pathlib.Path:
+    """Run the README's one command that starts with `prefix`, as written; its output folder."""
+    (command,) = [command for command in readme_commands() if command.startswith(prefix)]
+    run_readme_command(command, runs)
+    return runs / re.search(r"--output runs/(\S+)", command).group(1)
+
+
+# README commands whose runs other tests check too: each runs once for the session, by the
+# fixture named here, whichever test asks first (tests/test_readme.py asks for it by name).
+README_RUN_FIXTURES = {"train mobilenet_025 ": "mobilenet_run_dir", "search cnn3v2 ": "readme_search_cnn3v2_dir"}
+
+
+@pytest.fixture(scope="session")
+def mobilenet_run_dir(ray_cluster, readme_runs) -> str:
+    """The README's `dogbreeds train mobilenet_025 ... --output runs/mobilenet` (the real
+    backbone, 3 epochs at 128 px on tiny_dogs_64): the serving, attack and novelty tests export
+    it, as the README's `dogbreeds export runs/mobilenet` does."""
+    return str(_readme_run("train mobilenet_025 ", readme_runs))
+
+
+@pytest.fixture(scope="session")
+def readme_search_cnn3v2_dir(ray_cluster, readme_runs) -> pathlib.Path:
+    """The README's `dogbreeds search cnn3v2 ... --output runs/search_cnn3v2` (2 trials of 2
+    epochs at 32 px): tests/test_search.py checks what it wrote."""
+    return _readme_run("search cnn3v2 ", readme_runs)
 
 
 @pytest.fixture(scope="session")

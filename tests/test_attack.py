@@ -4,6 +4,7 @@ default options, a bundle trained here), a real photo after each; and `dogbreeds
 
 import io
 import json
+import pathlib
 import re
 import shlex
 
@@ -119,7 +120,7 @@ def test_bench_attack_prints_and_writes_json(server, bundle_dir, tmp_path, capsy
             for arg in shlex.split(_readme_command())]
     argv += ["--url", server["url"], "--cases", "k_abc", "gradio_classifies_a_photo"]
     assert cli.main(argv) == 0
-    output = tmp_path / "bench_attack.json"
+    output = pathlib.Path(argv[argv.index("--output") + 1]) / "bench_attack.json"  # --output is a directory
     result = json.loads(output.read_text())
     assert result["benchmark"] == "attack" and result["inputs_tried"] == 2
     assert [case["name"] for case in result["cases"]] == ["k_abc", "gradio_classifies_a_photo"]

@@ -1,19 +1,33 @@
-"""Every CLI command: help, one-line errors, and the fast commands for real."""
+"""Every CLI command: help, options derived from the configuration classes, one-line errors
+before Ray starts, Ctrl-C, and the fast commands for real."""
 
+import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
+import dogbreeds
 from dogbreeds import cli, models
-from tests.conftest import SAMPLE_DIR
+from dogbreeds.config import DataConfig, ServeArgs, TrainConfig
+from dogbreeds.search import SearchConfig
+from tests.conftest import ROOT, SAMPLE_DIR, TINY_DIR
 
 
-def _run(*argv):
+def _run(*argv, env=None, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "dogbreeds.cli", *argv], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "dogbreeds", *argv], capture_output=True, text=True, timeout=300,
+        env=env, cwd=cwd,
     )
+
+
+def _our_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("dogbreeds")]
 
 
 def _commands(parser=None, prefix=()):
@@ -61,12 +75,287 @@ def test_data_summarises_the_sample(capsys, cache_dir):
     assert sum(summary["images_per_class"].values()) == 301
 
 
-def test_bench_pipeline_prints_and_writes_json(tmp_path, capsys):
-    output = tmp_path / "bench.json"
-    argv = ["bench", "pipeline", "--data-dir", str(SAMPLE_DIR), "--image-size", "96", "--output", str(output)]
+def test_bench_pipeline_prints_and_writes_json(tmp_path, capsys, cache_dir):
+    output = tmp_path / "bench"  # --output is a directory for every command
+    argv = ["bench", "pipeline", "--data-dir", str(SAMPLE_DIR), "--image-size", "96", "--output", str(output),
+            "--cache-dir", cache_dir]
     assert cli.main(argv) == 0
-    result = json.loads(output.read_text())
+    result = json.loads((output / "bench_pipeline.json").read_text())
+    assert result["cache_dir"] == cache_dir  # --cache-dir is honoured
     assert result["num_files"] > 100 and result["skipped"] == 0
     for key in ("bare_pil_loop_images_per_s", "pipeline_decode_images_per_s", "pipeline_cached_load_images_per_s"):
         assert result[key] > 0
     assert '"benchmark": "pipeline"' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Options derived from the configuration classes.
+
+
+def _parse(*argv):
+    args = cli.build_parser().parse_args(list(argv))
+    args._file = {}
+    return args
+
+
+@pytest.mark.parametrize("section, cls, command, left_out", [
+    ("data", DataConfig, ["train", "cnn3v2", "--output", "x"], set()),
+    ("train", TrainConfig, ["train", "cnn3v2", "--output", "x"], {"model", "hparams"}),  # positional; --config only
+    ("search", SearchConfig, ["search", "cnn3v2", "--output", "x"], {"space"}),  # --space: its kind's default
+    ("serve", ServeArgs, ["serve", "b"], {"bundle"}),  # positional
+])
+def test_every_field_is_an_option_with_its_reason_and_default(section, cls, command, left_out, capsys):
+    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else list(cls.model_fields)
+    args = _parse(*command)
+    offered = args._fields[section]
+    assert set(names) - set(offered) == left_out
+    with pytest.raises(SystemExit):
+        cli.main([*command[:-2 if command[0] != "serve" else -1], "--help"])
+    page = " ".join(capsys.readouterr().out.split())
+    for name, field in offered.items():
+        if name in args._shared.get(section, {}):
+            continue  # `--seed` sets DataConfig's and TrainConfig's, and shows the first's help
+        assert f"--{name.replace('_', '-')}" in page
+        assert field.help and " ".join(field.help.split()) in page, name  # the comment above the field
+        assert f"(default: {'none' if field.default is None else field.default})" in page
+
+
+def test_fields_no_command_line_could_set_are_options():
+    args = _parse("train", "cnn3v2", "--output", "x", "--validation-fraction", "0.2", "--rotation-factor", "0",
+                  "--no-horizontal-flip", "--early-stopping-patience", "3", "--label-smoothing", "0.1",
+                  "--max-failures", "0", "--weights", "none")
+    assert cli._data_config(args) == DataConfig(validation_fraction=0.2, rotation_factor=0.0, horizontal_flip=False)
+    assert cli._train_config(args, model="cnn3v2") == TrainConfig(
+        early_stopping_patience=3, label_smoothing=0.1, max_failures=0, weights=None)
+    search = _parse("search", "cnn3v2", "--output", "x", "--max-trial-failures", "0", "--no-retrain")
+    assert cli._search_config(search) == SearchConfig(space="cnn3v2", max_trial_failures=0, retrain_best=False)
+
+
+def test_known_flag_names_stay_as_aliases():
+    train = _parse("train", "cnn3v2", "--output", "x", "--batch-size", "8", "--seed", "3")
+    assert cli._train_config(train, model="cnn3v2").per_worker_batch_size == 8
+    assert cli._train_config(train).seed == cli._data_config(train).seed == 3  # one --seed, both fields
+    head = _parse("search", "head", "--backbone", "mobilenet_025", "--output", "x", "--views", "3")
+    assert cli._data_config(head).augmented_views == 3  # --views is --augmented-views
+    assert cli._data_config(_parse("search", "head", "--backbone", "mobilenet_025", "--output", "x")).augmented_views == 2
+    serve = _parse("serve", "b", "--replicas", "2", "--cpus-per-replica", "0.5", "--max-upload-mb", "1",
+                   "--examples", "e", "--allowed-hosts", "a", "b")
+    assert cli.settings(serve, "serve") == {"num_replicas": 2, "num_cpus_per_replica": 0.5, "max_upload_bytes": 1024 * 1024,
+                                            "examples_dir": "e", "allowed_hosts": ("a", "b")}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "head", "--backbone", "mobilenet_025", "--workers", "2", "--output", "x"], "unrecognized arguments: --workers"),
+    (["search", "head", "--backbone", "mobilenet_025", "--no-retrain", "--output", "x"], "unrecognized arguments: --no-retrain"),
+    (["train", "cnn3v2", "--image-size", "0", "--output", "x"], "image size must be"),
+    (["train", "cnn3v2", "--epochs", "0", "--output", "x"], "must be at least 1"),
+    (["search", "cnn3v2", "--algorithm", "grid", "--output", "x"], "choose from random, tpe"),
+])
+def test_flags_that_would_be_ignored_or_wrong_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_config_file_sets_fields_and_the_command_line_wins(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  image_size: 32\n  rotation_factor: 0.0\ntrain:\n  epochs: 2\n  label_smoothing: 0.1\n"
+                    "  hparams: {filters_1: 8}\n")
+    args = cli.build_parser().parse_args(["train", "cnn3v2", "--output", "x", "--config", str(path), "--epochs", "4"])
+    cli._read_config_file(args)
+    assert cli._data_config(args) == DataConfig(image_size=32, rotation_factor=0.0)
+    assert cli._train_config(args, model="cnn3v2") == TrainConfig(epochs=4, label_smoothing=0.1, hparams={"filters_1": 8})
+
+
+def test_pipeline_applies_image_size_and_options_to_both_searches():
+    from dogbreeds import pipeline
+
+    default = pipeline.resolve_stages("quick")
+    assert [stage[0].image_size for stage in default.values()] == [64, 128]
+    assert default["head"][0].augmented_views == 2  # the profile's views, in DataConfig
+    given = pipeline.resolve_stages("quick", data={"image_size": 96}, search={"trials": 1})
+    assert [stage[0].image_size for stage in given.values()] == [96, 96]
+    assert [stage[2].trials for stage in given.values()] == [1, 1]
+
+
+def test_pipeline_writes_its_resolved_settings_first(tmp_path, monkeypatch):
+    from dogbreeds import pipeline
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(pipeline, "search_cnn3v2", fail)
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline("quick", str(tmp_path), data={"image_size": 48}, train={"epochs": 1})
+    settings = json.loads((tmp_path / "pipeline.json").read_text())["settings"]
+    assert settings["profile"] == "quick" and settings["overrides"]["data"] == {"image_size": 48}
+    assert settings["stages"]["head"]["data"]["image_size"] == 48
+    assert settings["stages"]["head"]["train"]["model"] == "mobilenet_025"
+    assert settings["stages"]["cnn3v2"]["search"]["space"] == "cnn3v2"
+
+
+# ---------------------------------------------------------------------------------------------
+# One line on stderr, before Ray starts.
+
+def _without_ray(tmp_path):
+    """An environment where a Ray this command started would leave its session in tmp_path/ray
+    (RAY_TMPDIR), and no cluster to attach to: the directory tells whether Ray started."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return {**env, "RAY_TMPDIR": str(tmp_path / "ray")}
+
+
+def _space(tmp_path, name, text):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _error_cases(tmp_path):
+    hp = "hyperparameters:\n  filters_1: {type: Int, min_value: 8, max_value: 16}\n"
+    empty = tmp_path / "empty" / "Images" / "n0-breed"
+    empty.mkdir(parents=True)
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("train:\n  epochz: 3\n")
+    bad_section = tmp_path / "section.yaml"
+    bad_section.write_text("trian:\n  epochs: 3\n")
+    not_a_bundle = tmp_path / "not_a_bundle"
+    not_a_bundle.mkdir()
+    search = ["search", "cnn3v2", "--data-dir", str(TINY_DIR), "--output", str(tmp_path / "out"), "--space"]
+    return {
+        "yaml syntax": ([*search, _space(tmp_path, "syntax", "search: cnn3v2\nhyperparameters:\n  a: {type: Int\n")], "syntax.yaml"),
+        "unknown key": ([*search, _space(tmp_path, "minimum", "search: cnn3v2\nmodel: cnn3v2\nhyperparameters:\n"
+                                         "  filters_1: {type: Int, minimum: 8, max_value: 16}\n")], "minimum"),
+        "no type": ([*search, _space(tmp_path, "notype", "search: cnn3v2\nmodel: cnn3v2\nhyperparameters:\n"
+                                     "  filters_1: {min_value: 8, max_value: 16}\n")], "type"),
+        "no hyperparameters": ([*search, _space(tmp_path, "nohp", "search: cnn3v2\nmodel: cnn3v2\n")], "hyperparameters"),
+        "misspelled name": ([*search, _space(tmp_path, "typo", "search: cnn3v2\nmodel: cnn3v2\n" + hp.replace("filters_1", "filterz_1"))], "filterz_1"),
+        "wrong kind": ([*search, "transfer_head"], "transfer_head"),
+        "negative size": (["data", "--data-dir", str(TINY_DIR), "--image-size", "-5"], "image size must be"),
+        "empty data folder": (["train", "cnn3v2", "--data-dir", str(tmp_path / "empty"), "--output", str(tmp_path / "out")], "no images"),
+        "missing weights": (["train", "mobilenet_025", "--data-dir", str(TINY_DIR), "--weights", str(tmp_path / "w.h5"),
+                             "--output", str(tmp_path / "out")], "weights file not found"),
+        "config key": (["train", "cnn3v2", "--config", str(bad_config), "--output", str(tmp_path / "out")], "train.epochz"),
+        "config section": (["train", "cnn3v2", "--config", str(bad_section), "--output", str(tmp_path / "out")], "trian"),
+        "config syntax": (["train", "cnn3v2", "--config", _space(tmp_path, "cfg", "train: {epochs: 3\n"), "--output", "x"], "cfg.yaml"),
+        "missing bundle": (["bench", "serve", str(tmp_path / "no_bundle"), "--data-dir", str(TINY_DIR)], "bundle not found"),
+        "not a bundle": (["bench", "serve", str(not_a_bundle), "--data-dir", str(TINY_DIR)], "bundle"),
+    }
+
+
+@pytest.mark.parametrize("case", ["yaml syntax", "unknown key", "no type", "no hyperparameters", "misspelled name",
+                                  "wrong kind", "negative size", "empty data folder", "missing weights", "config key",
+                                  "config section", "config syntax", "missing bundle", "not a bundle"])
+def test_bad_inputs_are_one_line_before_ray_starts(case, tmp_path):
+    argv, message = _error_cases(tmp_path)[case]
+    start = time.monotonic()
+    result = _run(*argv, env=_without_ray(tmp_path))
+    print(f"{case}: {time.monotonic() - start:.1f} s: {result.stderr.strip()}")
+    lines = _our_lines(result.stderr)
+    assert result.returncode not in (0, 130) and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "ray").exists(), "Ray started"
+    assert not (tmp_path / "out").exists()  # nothing created for a run that cannot start
+
+
+def test_offline_downloads_fail_before_ray_starts(tmp_path):
+    """No --data-dir (TFDS) and --weights imagenet, on a machine that cannot reach either host."""
+    from dogbreeds import data
+
+    if models.host_reachable(models.WEIGHTS_HOST, models.WEIGHTS_PORT) or models.host_reachable(data.TFDS_HOST, data.TFDS_PORT):
+        pytest.skip("online: the downloads would work")
+    env = {**_without_ray(tmp_path), "HOME": str(tmp_path)}  # no cached ImageNet weights
+    for argv, message in [
+        (["train", "cnn3v2", "--tfds-dir", str(tmp_path / "tfds"), "--output", str(tmp_path / "out")], "TFDS"),
+        (["train", "mobilenet_025", "--data-dir", str(TINY_DIR), "--output", str(tmp_path / "out")], "ImageNet weights"),
+        # The head stage's weights, checked before the cnn3v2 search runs.
+        (["pipeline", "--data-dir", str(TINY_DIR), "--output", str(tmp_path / "out")], "ImageNet weights"),
+    ]:
+        result = _run(*argv, env=env)
+        lines = _our_lines(result.stderr)
+        assert result.returncode == 1 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+        assert message in lines[0] and not (tmp_path / "ray").exists() and not (tmp_path / "out").exists()
+
+
+def test_any_other_error_is_one_line_and_verbose_shows_its_traceback(tmp_path, monkeypatch, capsys):
+    def broken(args):
+        raise KeyError()
+
+    monkeypatch.setitem(cli.COMMANDS, "models", broken)
+    assert cli.main(["models"]) == 1
+    assert capsys.readouterr().err == "dogbreeds models: error: KeyError\n"  # the type when no message
+    assert cli.main(["models", "--verbose"]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" in error and error.splitlines()[-1] == "dogbreeds models: error: KeyError"
+
+
+# ---------------------------------------------------------------------------------------------
+# Habits: python -m, --version, speed, quiet TensorFlow, Ctrl-C.
+
+
+def test_version_and_python_m():
+    result = _run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"dogbreeds {dogbreeds.__version__}"
+
+
+def test_models_answers_in_under_a_second():
+    import resource
+
+    _run("--version")  # warm the file cache, as a second call would be
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    result = _run("models")
+    seconds = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"`python -m dogbreeds models`: {seconds:.2f} s wall, {cpu:.2f} s CPU")
+    assert result.returncode == 0 and "cnn3v2" in result.stdout
+    # Its CPU time is what it costs (0.2 s here; importing TensorFlow alone takes 3 s); the wall
+    # time (0.2 s on an idle machine) only has to stay sane on a busy CI runner.
+    assert cpu < 1.0 and seconds < 10
+
+
+NOISE = ("cuda", "cuInit", "oneDNN", "absl::InitializeLog")
+
+
+def test_tensorflows_start_up_noise_is_silenced_unless_verbose(tmp_path):
+    import shutil
+
+    for breed in sorted((TINY_DIR / "Images").iterdir())[:2]:  # a few photos: TensorFlow decodes them
+        (tmp_path / "data" / "Images" / breed.name).mkdir(parents=True)
+        for photo in sorted(breed.iterdir())[:5]:
+            shutil.copy(photo, tmp_path / "data" / "Images" / breed.name)
+    argv = ["data", "--data-dir", str(tmp_path / "data"), "--image-size", "32"]
+    quiet = _run(*argv, "--cache-dir", str(tmp_path / "a"))  # a fresh cache: TensorFlow decodes
+    assert quiet.returncode == 0 and not [line for line in quiet.stderr.splitlines() if any(n in line for n in NOISE)], quiet.stderr
+    verbose = _run(*argv, "--cache-dir", str(tmp_path / "b"), "--verbose")
+    assert verbose.returncode == 0 and any(n in verbose.stderr for n in NOISE)  # there is noise to silence
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_training_run_cleanly(tmp_path, cache_dir):
+    output = tmp_path / "run"
+    argv = [sys.executable, "-m", "dogbreeds", "train", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32",
+            "--epochs", "50", "--output", str(output), "--cache-dir", cache_dir]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # its own Ray
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=ROOT, start_new_session=True)
+    try:
+        deadline, raylets = time.time() + 240, []
+        while time.time() < deadline and driver.poll() is None:
+            raylets = [p for p in psutil.Process(driver.pid).children(recursive=True) if p.name() == "raylet"]
+            if raylets and list((output / "ray" / "train").glob("checkpoint_*")):
+                break  # Ray is up and the run has started
+            time.sleep(0.5)
+        assert raylets and driver.poll() is None, "the run should be under way"
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    lines = _our_lines(stderr)
+    assert driver.returncode == 130, stderr[-3000:]
+    assert lines == ["dogbreeds train: interrupted; `--resume` continues it"], stderr[-3000:]
+    # Our own lines carry no traceback (Ray's actors' forwarded lines start with their name).
+    assert not [line for line in stderr.splitlines() if "Traceback" in line and "pid=" not in line], stderr[-3000:]
+    time.sleep(2)
+    assert not [p for p in raylets if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "raylet left running"

@@ -15,21 +15,16 @@ import glob
 import importlib.util
 import json
 import os
-import random
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 
 import pytest
 import yaml
 
-from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR, free_port
+from tests.conftest import MOBILENET_WEIGHTS, RAY, ROOT, TINY_DIR, LocalCluster, cluster_environment
 
-RAY = str(ROOT / ".venv" / "bin" / "ray")
 ENTRY_POINTS = {"pipeline": "pipeline", "search": "search", "train": "train", "serve": "serve"}
 
 
@@ -117,112 +112,10 @@ def test_relative_storage_paths_go_to_the_shared_storage(monkeypatch):
 # A real two-node cluster on this machine.
 
 
-def _free_port_range(size=40):
-    """A range of free ports for a node's workers (Ray's default range is shared with the
-    other clusters on this machine)."""
-    for _ in range(200):
-        first = random.randrange(20000, 60000 - size)
-        try:
-            for port in range(first, first + size):
-                with socket.socket() as probe:
-                    probe.bind(("", port))
-        except OSError:
-            continue
-        return first, first + size - 1
-    raise RuntimeError("no free port range")
-
-
-def _node_ports():
-    """Every port a node listens on, free ones: other Ray clusters run on this machine too."""
-    first, last = _free_port_range()
-    options = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
-    return [*(x for option in options for x in (option, str(free_port()))),
-            "--min-worker-port", str(first), "--max-worker-port", str(last)]
-
-
-def _environment():
-    """Every process of the cluster, and every client of it, runs with token auth and the
-    project's Python first on PATH (a job's `python` is the cluster's Python)."""
-    environment = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
-    environment["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{environment['PATH']}"
-    environment.pop("RAY_ADDRESS", None)
-    return environment
-
-
-class LocalCluster:
-    """A head node and a worker node, each a `ray start --block` in its own process group, so
-    a node is killed (and cleaned up) by its process group id, and nothing else is touched."""
-
-    def __init__(self, log_dir):
-        import ray
-
-        self.log_dir = log_dir
-        self.address = ray.util.get_node_ip_address()  # the machine's own: no traffic leaves it
-        self.port, self.dashboard_port = free_port(), free_port()
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.nodes, self.temp_dirs = {}, []
-
-    def _start(self, role, options):
-        # Short temp dirs: Ray's Unix socket paths must stay under ~100 characters.
-        temp_dir = tempfile.mkdtemp(prefix=f"ray-{role}-", dir="/tmp")
-        self.temp_dirs.append(temp_dir)
-        log = open(os.path.join(self.log_dir, f"{role}.log"), "w")
-        self.nodes[role] = subprocess.Popen(
-            [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus", "1",
-             "--object-store-memory", str(300 * 1024 * 1024), "--temp-dir", temp_dir, *options, *_node_ports()],
-            env=_environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def start(self, timeout=120):
-        self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "true",
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                             "--ray-client-server-port", str(free_port())])
-        deadline = time.time() + timeout
-        while time.time() < deadline and not self.state("nodes", quiet=True):
-            time.sleep(1)
-        self._start("worker", ["--address", f"{self.address}:{self.port}"])
-        while time.time() < deadline and len(self.alive_nodes()) < 2:
-            assert all(node.poll() is None for node in self.nodes.values()), "a node exited: see its log"
-            time.sleep(1)
-        assert len(self.alive_nodes()) == 2, f"the cluster did not form in {timeout} s"
-
-    def state(self, kind, *options, quiet=False):
-        """`ray list KIND` against the head's dashboard, as JSON."""
-        result = subprocess.run(
-            [RAY, "list", kind, "--address", self.dashboard, "--format", "json", "--limit", "10000", *options],
-            env=_environment(), capture_output=True, text=True, timeout=120,
-        )
-        try:
-            if result.returncode:
-                raise ValueError(result.stderr[-2000:])
-            return json.loads(result.stdout)
-        except ValueError:  # the dashboard is not up yet, or answered with a message
-            if quiet:
-                return []
-            raise
-
-    def alive_nodes(self):
-        return {node["node_id"]: node["is_head_node"] for node in self.state("nodes", quiet=True) if node["state"] == "ALIVE"}
-
-    def kill(self, role):
-        node = self.nodes.pop(role)
-        try:
-            os.killpg(node.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        node.wait()
-
-    def stop(self):
-        for role in list(self.nodes):
-            self.kill(role)
-        for temp_dir in self.temp_dirs:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = LocalCluster(str(tmp_path_factory.mktemp("cluster_logs")))
+    """A head and a worker node of one logical CPU each (tests/conftest.py's harness)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster_logs"), workers=1, num_cpus=1)
     try:
         cluster.start()
         cluster.node_ids = dict(cluster.alive_nodes())  # node id -> is head, as started
@@ -232,9 +125,10 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shared_dirs(tmp_path_factory):
-    """The feature and image caches both searches share (the second reuses the features)."""
-    return str(tmp_path_factory.mktemp("features")), str(tmp_path_factory.mktemp("image_cache"))
+def shared_dirs(tmp_path_factory, cache_dir):
+    """The feature cache every search here shares (the first computes the features, the others
+    reuse them), and the session's image cache (photos already decoded at 64 px are read)."""
+    return str(tmp_path_factory.mktemp("features")), cache_dir
 
 
 def _search_command(output, shared_dirs, trials, epochs, extra=()):
@@ -252,7 +146,7 @@ def _submit(cluster, command, runtime_env=None):
     submit = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", "."]
     if runtime_env:
         submit += ["--runtime-env-json", json.dumps(runtime_env)]
-    return subprocess.Popen(submit + ["--", *command], cwd=ROOT, env=_environment(),
+    return subprocess.Popen(submit + ["--", *command], cwd=ROOT, env=cluster_environment(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

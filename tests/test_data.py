@@ -150,7 +150,12 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
     images, labels, skipped = data.load_images(index.splits["train"], 32, config)
     names = sorted(os.path.basename(key) for key, _ in skipped)
     assert names == ["empty.png", "garbage.JPEG", "truncated.jpg"]
-    assert all(reason for _, reason in skipped)
+    # Plain reasons, not TensorFlow's text ("{{function_node __wrapped__DecodeImage...").
+    assert {os.path.basename(key): reason for key, reason in skipped} == {
+        "empty.png": "empty file",
+        "garbage.JPEG": "not a JPEG/PNG/GIF/BMP/WebP image",
+        "truncated.jpg": "truncated JPEG image",
+    }
     assert len(images) == len(labels) == 18
     again = data.load_images(index.splits["train"], 32, config)  # from the cache
     assert np.array_equal(again[0], images) and sorted(os.path.basename(k) for k, _ in again[2]) == names
@@ -266,3 +271,175 @@ def test_tfds_source_reads_stanford_dogs_records(tmp_path):
         np.testing.assert_array_equal(images[5], expected)
         shard = data.load_images(index.splits["test"], 24, config, 1, 2)[0]
         np.testing.assert_array_equal(shard, images[1::2])
+
+
+def test_plain_reasons_for_every_format(tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    for fmt, name in (("PNG", "PNG"), ("GIF", "GIF"), ("BMP", "BMP"), ("WEBP", "WebP"), ("JPEG", "JPEG")):
+        whole = tmp_path / f"whole.{fmt.lower()}"
+        whole.write_bytes(_encoded(rgb, fmt))
+        assert data.image_format(whole.read_bytes()) == name
+        cut = tmp_path / f"cut.{fmt.lower()}"
+        cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+        assert data.why_undecodable(str(cut)) == f"truncated {name} image"
+        assert data.why_undecodable(str(whole)) == f"damaged {name} image"  # (if it had failed)
+    assert data.why_undecodable(str(tmp_path / "gone.jpg")).startswith("cannot be read")
+
+
+def test_a_split_where_no_photo_decodes_is_a_one_line_error(tmp_path):
+    root = tmp_path / "dogs" / "Images" / "n02085620-Chihuahua"
+    root.mkdir(parents=True)
+    for number in range(3):
+        (root / f"bad{number}.jpg").write_bytes(os.urandom(300))
+    (root / "empty.jpg").write_bytes(b"")
+    config = DataConfig(data_dir=str(tmp_path / "dogs"), cache_dir=str(tmp_path / "cache"), test_fraction=0.0, validation_fraction=0.0)
+    index = data.load_index(config)
+    with pytest.raises(ValueError) as raised:
+        data.load_images(index.splits["train"], 16, config)
+    message = str(raised.value)
+    assert "\n" not in message and "function_node" not in message
+    assert message.startswith("no photo of train decodes: 3 not a JPEG/PNG/GIF/BMP/WebP image, 1 empty file; first: ")
+    assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")  # nothing cached
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random_bytes", "wrong_arrays"])
+def test_a_corrupt_cache_file_is_discarded_and_rebuilt(tmp_path, caplog, damage):
+    root = _small_folder(tmp_path, per_breed=4)
+    config = DataConfig(data_dir=str(root), cache_dir=str(tmp_path / "cache"), test_fraction=0.0, validation_fraction=0.0)
+    split = data.load_index(config).splits["train"]
+    images, labels, skipped = data.load_images(split, 16, config)
+    path = data.cache_file(split, 16, config.cache_dir)
+    assert os.listdir(config.cache_dir) == [os.path.basename(path)]  # no temporary file left
+    whole = open(path, "rb").read()
+    if damage == "truncate":
+        open(path, "wb").write(whole[: len(whole) // 2])
+    elif damage == "random_bytes":
+        open(path, "wb").write(os.urandom(len(whole)))
+    else:  # a valid .npz of the wrong shape, as another version might have written
+        np.savez(path, images=images[:, :8, :8], labels=labels, skipped="[]")
+    with caplog.at_level("WARNING", logger="dogbreeds.data"):
+        again = data.load_images(split, 16, config)
+    assert any("is unreadable" in r.getMessage() and path in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(again[0], images)
+    np.testing.assert_array_equal(again[1], labels)
+    assert again[2] == skipped
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dogbreeds.data"):
+        third = data.load_images(split, 16, config)  # the rebuilt file is a clean hit
+    assert not caplog.records
+    np.testing.assert_array_equal(third[0], images)
+
+
+def test_decoding_a_split_logs_progress_and_a_final_count(cache_dir, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(data, "PROGRESS_MIN_GAP_S", 0.0)  # a line at each tenth, however fast
+    monkeypatch.setattr(data, "PROGRESS_INTERVAL_S", 1e9)  # and only then, however slow
+    config = DataConfig(data_dir=str(TINY_DIR), cache_dir=str(tmp_path / "cache"))
+    split = data.load_index(config).splits["validation"]
+    with caplog.at_level("INFO", logger="dogbreeds.data"):
+        data.load_images(split, 8, config)
+    messages = [r.getMessage() for r in caplog.records]
+    progress = [m for m in messages if m.startswith("decoding validation: ")]
+    assert len(progress) == 10 and progress[-1].startswith("decoding validation: 240/240 photos, 100%, ")
+    assert "decoding validation: 24/240 photos, 10%, " in progress[0]
+    assert messages[-1].startswith("decoded validation: 240 photos at 8 px in ") and messages[-1].endswith(" s, 0 skipped")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dogbreeds.data"):
+        data.load_images(split, 8, config)  # a cache hit says nothing at INFO
+    assert not caplog.records
+
+
+def test_progress_lines_are_rate_limited(caplog, monkeypatch):
+    clock = iter([0.0, 0.1, 0.2, 0.3, 6.0, 6.1])
+    monkeypatch.setattr(data.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level("INFO", logger="dogbreeds.data"):
+        progress = data.Progress("decoding train", 2000)
+        for _ in range(5):
+            progress.advance(400)  # a tenth or more each time, but under PROGRESS_MIN_GAP_S apart
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["decoding train: 1,600/2,000 photos, 80%, 6.0 s"]  # only PROGRESS_INTERVAL_S passed
+
+
+def test_check_source_names_the_folder_and_what_is_missing(tmp_path):
+    def error(data_dir):
+        with pytest.raises(ValueError) as raised:
+            data.check_source(DataConfig(data_dir=str(data_dir)))
+        message = str(raised.value)
+        assert "\n" not in message and str(data_dir) in message and "Images/<synset>-<breed>" in message
+        return message
+
+    assert error(tmp_path / "nope").startswith("data folder not found: ")
+    (tmp_path / "file.txt").write_text("x")
+    assert " is a file, not a folder" in error(tmp_path / "file.txt")
+    (tmp_path / "empty").mkdir()
+    assert "no breed folders" in error(tmp_path / "empty")
+    breed = tmp_path / "photoless" / "Images" / "n02085620-Chihuahua"
+    breed.mkdir(parents=True)
+    (breed / "notes.txt").write_text("not a photo")
+    assert "breed folders hold no .jpg/.jpeg" in error(tmp_path / "photoless")
+    data.check_source(DataConfig(data_dir=str(TINY_DIR)))  # fine
+    data.check_source(DataConfig(data_dir=str(TINY_DIR / "Images")))  # the breed folders directly
+
+
+def test_check_source_without_a_folder_answers_offline_in_seconds(tmp_path):
+    """This machine cannot reach vision.stanford.edu: no TFDS retries for minutes, one line
+    in seconds, and without importing TensorFlow."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from dogbreeds import data\n"
+        "from dogbreeds.config import DataConfig\n"
+        "started = time.perf_counter()\n"
+        "try:\n"
+        f"    data.check_source(DataConfig(tfds_dir={str(tmp_path / 'tfds')!r}))\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+        "print('tensorflow' in sys.modules, round(time.perf_counter() - started, 2))\n"
+    )
+    started = time.perf_counter()
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert time.perf_counter() - started < 30
+    assert lines[0] == (
+        f"TFDS stanford_dogs is not in {tmp_path / 'tfds'} and vision.stanford.edu cannot be reached (offline?): "
+        "pass --data-dir FOLDER holding images.tar's Images/ (see README)"
+    )
+    imported, seconds = lines[1].split()
+    assert imported == "False" and float(seconds) < 5
+    # Prepared: TFDS reads it without a download, so nothing to check online.
+    (tmp_path / "tfds" / "stanford_dogs" / "0.2.0").mkdir(parents=True)
+    (tmp_path / "tfds" / "stanford_dogs" / "0.2.0" / "dataset_info.json").write_text("{}")
+    data.check_source(DataConfig(tfds_dir=str(tmp_path / "tfds")))
+
+
+def test_bench_pipeline_caches_in_the_users_cache_dir(tmp_path):
+    from dogbreeds import bench
+
+    root = _small_folder(tmp_path, per_breed=4)
+    config = DataConfig(data_dir=str(root), cache_dir=str(tmp_path / "user_cache"))
+    result = bench.bench_pipeline(config, 16)
+    assert result["cache_dir"] == str(tmp_path / "user_cache") and result["num_files"] == 12
+    everything = data.load_index(config).splits
+    split = data.Split([k for s in everything.values() for k in s.keys], np.concatenate([s.labels for s in everything.values()]))
+    assert os.listdir(config.cache_dir) == [os.path.basename(data.cache_file(split, 16, config.cache_dir))]
+
+
+def test_bad_image_sizes_are_one_line_errors_before_tensorflow_runs(tmp_path):
+    config = DataConfig(data_dir=str(TINY_DIR), cache_dir=str(tmp_path))
+    split = data.load_index(config).splits["validation"]
+    for size in (-5, 0, 2000):
+        with pytest.raises(ValueError, match=r"^image size must be a whole number of pixels in \[8, 1024\], got "):
+            data.load_images(split, size, config)
+    with pytest.raises(ValueError, match="image size must be"):
+        data.decode_and_resize(b"", -5)
+
+
+def test_feature_caching_checks_the_weights_before_any_work(tmp_path):
+    from dogbreeds.features import cache_features
+
+    config = DataConfig(data_dir=str(TINY_DIR), cache_dir=str(tmp_path / "cache"))
+    index = data.load_index(config)
+    with pytest.raises(ValueError, match="weights file not found"):
+        cache_features(index, "mobilenet_025", str(tmp_path / "nope.h5"), 64, 1, config, str(tmp_path / "features"))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "features").exists()

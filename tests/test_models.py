@@ -91,3 +91,81 @@ def test_local_imagenet_weights_load_and_are_frozen():
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="weights file not found"):
         models.create_model("mobilenet_025", weights=str(tmp_path / "nope.h5"))
+
+
+@pytest.mark.parametrize("size", [-5, 0, 7, 1025, 1.5, "64", True, None])
+def test_image_sizes_out_of_range_are_one_line_errors(size):
+    with pytest.raises(ValueError, match=r"^image size must be a whole number of pixels in \[8, 1024\], got "):
+        models.check_image_size(size)
+
+
+def test_image_size_is_resolved_and_checked_in_one_place():
+    assert models.check_image_size(64) == 64
+    assert models.resolve_input("cnn3v2").image_size == 299
+    assert models.resolve_input("mobilenet_025", 96).chain == "decode|resize(96)"
+    with pytest.raises(ValueError, match="image size must be"):
+        models.resolve_input("cnn3v2", -5)
+
+
+def test_weights_files_are_checked_before_anything_builds(tmp_path):
+    with pytest.raises(ValueError, match=r"^weights file not found: .*nope\.h5"):
+        models.check_weights("mobilenet_025", str(tmp_path / "nope.h5"))
+    (tmp_path / "notes.h5").write_text("not weights")
+    with pytest.raises(ValueError, match=r"^weights file .*notes\.h5 is not an HDF5 file"):
+        models.check_weights("xception", str(tmp_path / "notes.h5"))
+    with pytest.raises(ValueError, match="is a folder, not a Keras .h5 file"):
+        models.check_weights("resnet50v2", str(tmp_path))
+    models.check_weights("mobilenet_025", str(MOBILENET_WEIGHTS))
+    models.check_weights("mobilenet_025", None)
+    models.check_weights("mobilenet_025", "none")
+    models.check_weights("cnn3v2", str(tmp_path / "nope.h5"))  # no backbone: weights are ignored
+    with pytest.raises(ValueError, match="is not an HDF5 file"):  # build_backbone says the same
+        models.build_backbone("mobilenet_025", 128, str(tmp_path / "notes.h5"))
+
+
+def test_imagenet_weights_offline_are_a_clear_error_in_seconds(tmp_path, monkeypatch):
+    """This machine cannot reach storage.googleapis.com and its Keras cache is empty."""
+    import time
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty ~/.keras
+    (tmp_path / ".keras").mkdir()
+    expected = (f"ImageNet weights for xception are not cached in {tmp_path / '.keras' / 'models'} and "
+                "storage.googleapis.com cannot be reached: pass --weights FILE.h5 or --weights none")
+    started = time.perf_counter()
+    with pytest.raises(ValueError) as raised:
+        models.check_weights("xception", "imagenet")
+    assert str(raised.value) == expected
+    with pytest.raises(ValueError) as raised:  # also where the search's head stage builds it
+        models.build_backbone("xception", 75, "imagenet")
+    assert str(raised.value) == expected
+    assert time.perf_counter() - started < 15
+    models.check_weights("cnn3v2", "imagenet")  # no backbone: nothing to download
+
+
+def test_imagenet_weights_in_keras_cache_are_found_under_keras_own_file_name(tmp_path, monkeypatch):
+    """With the shared MobileNet file in ~/.keras/models under the name we expect, Keras itself
+    loads `weights="imagenet"` offline: the names agree."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cache = tmp_path / ".keras" / "models"
+    cache.mkdir(parents=True)
+    assert models.imagenet_weights_path("mobilenet_025", 224) == str(cache / MOBILENET_WEIGHTS.name)
+    assert models.imagenet_weights_path("mobilenet_025", 96) == str(cache / MOBILENET_WEIGHTS.name)  # Keras loads 224's
+    assert models.imagenet_weights_path("mobilenet_025", 128) == str(cache / "mobilenet_2_5_128_tf_no_top.h5")
+    assert models.imagenet_weights_path("xception") == str(cache / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    assert models.imagenet_weights_path("resnet50v2") == str(cache / "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    (cache / MOBILENET_WEIGHTS.name).symlink_to(MOBILENET_WEIGHTS)
+    models.check_weights("mobilenet_025", "imagenet", 224)
+    backbone = models.build_backbone("mobilenet_025", 224, "imagenet")
+    reference = models.build_backbone("mobilenet_025", 224, str(MOBILENET_WEIGHTS))
+    np.testing.assert_array_equal(backbone.get_weights()[0], reference.get_weights()[0])
+
+
+def test_the_checks_read_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dogbreeds import models\n"
+            f"models.check_weights('mobilenet_025', {str(MOBILENET_WEIGHTS)!r})\nmodels.check_image_size(64)\n"
+            "print(sorted(m for m in ('tensorflow', 'tf_keras') if m in sys.modules))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"

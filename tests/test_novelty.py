@@ -11,7 +11,7 @@ import pytest
 
 from dogbreeds import cli, data, novelty
 from dogbreeds.config import DataConfig, from_dict
-from tests.conftest import NOT_DOGS_DIR, SHARED, TINY_DIR
+from tests.conftest import NOT_DOGS_DIR, SHARED
 
 NOT_DOGS_64_DIR = SHARED / "data" / "not_dogs_64"
 OTHER_DOGS_DIR = SHARED / "data" / "other_dogs"
@@ -57,27 +57,22 @@ def test_reference_positions_cap_each_class_and_are_seeded():
 
 
 # ---------------------------------------------------------------------------------------------
-# Real bundles: mobilenet_025 on the real backbone and cnn3v2 from scratch, one epoch each.
-
-
-def _train_and_export(runs, name: str, options: list[str], cache_dir: str) -> str:
-    train = ["train", name, "--data-dir", str(TINY_DIR), "--epochs", "1", "--workers", "1",
-             *options, "--output", f"{runs}/{name}", "--cache-dir", cache_dir]
-    assert cli.main(train) == 0
-    assert cli.main(["export", f"{runs}/{name}", "--output", f"{runs}/{name}-bundle"]) == 0
-    return f"{runs}/{name}-bundle"
+# Real bundles: the session's runs (tests/conftest.py), mobilenet_025 on the real backbone (the
+# README's run, 3 epochs at 128 px) and cnn3v2 from scratch (two epochs at 32 px).
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(ray_cluster, mobilenet_bundle_dir):
-    """The session's mobilenet_025 bundle (tests/conftest.py)."""
+def bundle_dir(mobilenet_bundle_dir):
+    """The session's mobilenet_025 bundle."""
     return mobilenet_bundle_dir
 
 
 @pytest.fixture(scope="module")
-def cnn3v2_bundle_dir(ray_cluster, cache_dir, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("novelty-cnn3v2")
-    return _train_and_export(runs, "cnn3v2", ["--image-size", "64"], cache_dir)
+def cnn3v2_bundle_dir(cnn3v2_run_dir, tmp_path_factory):
+    """The session's cnn3v2 run, exported here."""
+    bundle = tmp_path_factory.mktemp("novelty-cnn3v2") / "cnn3v2-bundle"
+    assert cli.main(["export", str(cnn3v2_run_dir), "--output", str(bundle)]) == 0
+    return str(bundle)
 
 
 @pytest.fixture(scope="module")

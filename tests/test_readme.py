@@ -1,9 +1,10 @@
 """Every command in the README runs, as written, in order (output folders moved under one
-temporary `runs/`), and every `tensorboard --logdir` it shows serves what the run wrote."""
+temporary `runs/` for the session; the runs other tests check too, README_RUN_FIXTURES in
+tests/conftest.py, run once, whichever test asks first), and every `tensorboard --logdir` it
+shows serves what the run wrote."""
 
 import json
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -11,28 +12,19 @@ import urllib.request
 
 import pytest
 
-from dogbreeds import cli
-from tests.conftest import ROOT, free_port
+from tests.conftest import (
+    README_RUN_FIXTURES, README_SETUP as SETUP, ROOT, free_port, readme_commands, run_readme_command,
+)
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
-SETUP = 'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && '
-
-
-def _dogbreeds_commands():
-    commands = []
-    for block in BLOCKS:
-        for line in block.strip().splitlines():
-            line = line.removeprefix(SETUP)
-            if line.startswith(".venv/bin/dogbreeds "):
-                commands.append(line.removeprefix(".venv/bin/dogbreeds "))
-    return commands
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The README's `runs/`, shared by its commands as it is for a reader."""
-    return tmp_path_factory.mktemp("readme") / "runs"
+def runs(readme_runs):
+    """The README's `runs/`, shared by its commands as it is for a reader (the session's: its
+    mobilenet run is the one the serving tests export)."""
+    return readme_runs
 
 
 def test_the_quick_start_has_two_commands_and_ci_runs_the_second():
@@ -42,13 +34,13 @@ def test_the_quick_start_has_two_commands_and_ci_runs_the_second():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", _dogbreeds_commands())
-def test_readme_command(command, ray_cluster, runs, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    argv = [arg.replace("runs/", f"{runs}/") for arg in shlex.split(command)]
-    assert cli.main(argv) == 0
-    for output in re.findall(r"--output runs/(\S+)", command):
-        assert (runs / output).exists()
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command(command, ray_cluster, runs, request):
+    shared = [fixture for prefix, fixture in README_RUN_FIXTURES.items() if command.startswith(prefix)]
+    if shared:  # run as written once for the session, by the fixture other tests check it through
+        request.getfixturevalue(shared[0])
+    else:
+        run_readme_command(command, runs)
 
 
 @pytest.mark.slow

@@ -9,35 +9,26 @@ import shutil
 import pytest
 
 from dogbreeds import cli, report
-from tests.conftest import ARTIFACTS, TINY_DIR
+from tests.conftest import ARTIFACTS, train_cnn3v2
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-# Two real trials of a search: the learning rate and the batch size differ.
-TRIALS = {
-    "trial_00000": ["--learning-rate", "0.001", "--batch-size", "32"],
-    "trial_00001": ["--learning-rate", "0.003", "--batch-size", "64"],
-}
-
-
-def _train(output, cache_dir, *options):
-    argv = ["train", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32", "--epochs", "2",
-            "--workers", "1", "--output", str(output), "--cache-dir", cache_dir, *options]
-    assert cli.main(argv) == 0
-    return output
+# Two real trials of a search: the session's cnn3v2 run (tests/conftest.py) and a second run
+# whose learning rate and batch size differ.
+SECOND_RUN_OPTIONS = ["--learning-rate", "0.003", "--batch-size", "64"]
 
 
 @pytest.fixture(scope="module")
-def training_run(ray_cluster, cache_dir, tmp_path_factory):
+def training_run(cnn3v2_run_dir):
     """A real layout-(A) run: `dogbreeds train cnn3v2` for 2 epochs at 32 x 32."""
-    return _train(tmp_path_factory.mktemp("run"), cache_dir, *TRIALS["trial_00000"])
+    return cnn3v2_run_dir
 
 
 @pytest.fixture(scope="module")
 def second_run(ray_cluster, cache_dir, tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("run_b"), cache_dir, *TRIALS["trial_00001"])
+    return train_cnn3v2(tmp_path_factory.mktemp("run_b"), cache_dir, *SECOND_RUN_OPTIONS)
 
 
 def _percent(value):

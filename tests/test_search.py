@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from dogbreeds import cli, models, search
+from dogbreeds import cli, models, search, spaces
 from dogbreeds.config import DataConfig, TrainConfig
+from dogbreeds.search import SearchConfig
 from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR
 
 SPACE_FILES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -56,19 +57,203 @@ def test_unknown_space_lists_the_known_ones():
         search.load_space("nope")
 
 
+def test_every_search_is_registered_with_its_default_space():
+    assert sorted(search.SEARCHES) == ["cnn3v2", "head"]
+    for kind, entry in search.SEARCHES.items():
+        assert search.check_space(entry.default_space, kind).search == kind
+    assert search.SEARCHES["cnn3v2"].run is search.search_cnn3v2
+    assert search.SEARCHES["head"].run is search.search_head
+
+
+def test_the_space_file_decides_the_model_and_the_metric():
+    cnn3v2 = search.check_space("cnn3v2", "cnn3v2")
+    assert (cnn3v2.model, cnn3v2.metric, cnn3v2.mode) == ("cnn3v2", "val_accuracy", "max")
+    head = search.check_space("transfer_head", "head", "mobilenet_025")
+    assert head.model is None and head.metric == "val_accuracy"
+
+
+def test_the_type_table_is_keras_tuners():
+    import inspect
+
+    import keras_tuner
+
+    hp = keras_tuner.HyperParameters()
+    for kind, (required, optional) in spaces.TYPES.items():
+        parameters = inspect.signature(getattr(hp, kind)).parameters
+        names = [name for name in parameters if name not in ("name", "parent_name", "parent_values")]
+        assert sorted(names) == sorted(required + optional), kind
+        assert [n for n in names if parameters[n].default is inspect.Parameter.empty] == list(required)
+
+
+VALID = {"search": "head", "metric": "val_accuracy",
+         "hyperparameters": {"hidden_layer": {"type": "Boolean"},
+                             "hidden_units": {"type": "Int", "min_value": 64, "max_value": 512,
+                                              "conditions": {"hidden_layer": [True]}}}}
+
+
+def _with(**changes):
+    import copy
+
+    spec = copy.deepcopy(VALID)
+    for key, value in changes.items():
+        if value is None:
+            spec.pop(key)
+        else:
+            spec[key] = value
+    return spec
+
+
+def _hidden_units(**options):
+    return {**VALID["hyperparameters"], "hidden_units": options}
+
+
+@pytest.mark.parametrize("spec, kind, model, key, words", [
+    ("search: head\nmetric: val_accuracy\n  bad: indent\nhyperparameters: {}\n", "head", None, "line 3",
+     "not valid YAML: mapping values are not allowed here"),
+    ("- just\n- a list\n", "head", None, "transfer_head.yaml: expected a mapping", "found list"),
+    (_with(searh="head"), "head", None, "searh", "unknown key"),
+    (_with(hyperparameters=None), "head", None, "hyperparameters", "missing"),
+    (_with(hyperparameters=_hidden_units(min_value=64, max_value=512)), "head", None,
+     "hyperparameters.hidden_units", "missing type"),
+    (_with(hyperparameters=_hidden_units(type="Integer", min_value=64, max_value=512)), "head", None,
+     "hyperparameters.hidden_units", "unknown type 'Integer'; known: Int, Float"),
+    (_with(hyperparameters=_hidden_units(type="Int", minimum=64, max_value=512)), "head", None,
+     "hyperparameters.hidden_units", "unknown key 'minimum' for Int; known: "),
+    (_with(hyperparameters=_hidden_units(type="Int", min_value=64)), "head", None,
+     "hyperparameters.hidden_units", "Int needs max_value"),
+    (_with(hyperparameters=_hidden_units(type="Float", min_value=0, max_value=1, sampling="log")), "head",
+     None, "hyperparameters.hidden_units", "log sampling needs min_value > 0"),
+    (_with(hyperparameters=_hidden_units(type="Choice", values=[1, 2], default=3)), "head", None,
+     "hyperparameters.hidden_units", "default 3 is not one of values"),
+    (_with(hyperparameters=_hidden_units(type="Boolean", conditions={"hidden": [True]})), "head", None,
+     "hyperparameters.hidden_units", "unknown parent 'hidden'; known (defined above): hidden_layer"),
+    (_with(search="grid"), "head", None, "search", "unknown search 'grid'; known: cnn3v2, head"),
+    (_with(search=None), "head", None, "search", "missing"),
+    (_with(metric="accuracy"), "head", None, "metric", "unknown metric 'accuracy'; known: val_accuracy, val_loss"),
+    (_with(search="cnn3v2", model="cnn4"), "cnn3v2", None, "model", "unknown model 'cnn4'; known: cnn1"),
+    (_with(search="cnn3v2"), "cnn3v2", None, "model", "missing"),
+    (_with(model="mobilenet_025"), "head", None, "model", "remove model:"),
+    (_with(hyperparameters={"dropout_rat": {"type": "Float", "min_value": 0, "max_value": 0.5}}), "head",
+     "mobilenet_025", "hyperparameters.dropout_rat", "neither mobilenet_025 nor training knows it; known: "),
+    (_with(search="cnn3v2", model="cnn3v2"), "cnn3v2", None, "hyperparameters.hidden_layer",
+     "neither cnn3v2 nor training knows it"),
+    (VALID, "cnn3v2", None, "search", "the file is for the head search, not cnn3v2"),
+])
+def test_a_bad_space_file_is_one_line_naming_the_file_and_the_key(tmp_path, spec, kind, model, key, words):
+    import yaml
+
+    path = tmp_path / "transfer_head.yaml"
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ValueError) as caught:
+        search.check_space(path, kind, model)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{path}: "), message
+    assert key in message and words in message, message
+
+
+def test_the_good_space_file_of_the_bad_ones_passes(tmp_path):
+    import yaml
+
+    path = tmp_path / "transfer_head.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    assert list(search.check_space(path, "head", "mobilenet_025").hyperparameters) == ["hidden_layer", "hidden_units"]
+
+
+def test_checking_a_space_imports_neither_tensorflow_nor_ray():
+    """The CLI imports search.py to build its options and checks a file before Ray starts."""
+    script = (
+        "import sys; from dogbreeds import search; "
+        "search.check_space('cnn3v2', 'cnn3v2'); search.check_space('transfer_head', 'head', 'xception'); "
+        "print(sorted(m for m in ('tensorflow', 'ray', 'keras_tuner', 'tf_keras') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_head_search_needs_a_transfer_model():
+    with pytest.raises(ValueError, match="cnn3v2 is not a transfer model.*known: mobilenet_025"):
+        search.check_space("transfer_head", "head", "cnn3v2")
+
+
+def test_a_space_of_another_kind_fails_before_anything_is_created(tmp_path):
+    config = SearchConfig(space="transfer_head")
+    with pytest.raises(ValueError, match="transfer_head.yaml: search: the file is for the head search, not cnn3v2"):
+        search.search_cnn3v2(DataConfig(data_dir=str(TINY_DIR)), TrainConfig(), config, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="cnn3v2.yaml: search: the file is for the cnn3v2 search, not head"):
+        search.search_head(DataConfig(data_dir=str(TINY_DIR)), TrainConfig(model="mobilenet_025"),
+                           SearchConfig(space="cnn3v2"), str(tmp_path / "out"))
+    argv = ["search", "cnn3v2", "--space", "transfer_head", "--data-dir", str(TINY_DIR),
+            "--output", str(tmp_path / "out")]
+    assert cli.main(argv) != 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_search_saves_its_resolved_configuration(tmp_path):
+    space = search.check_space("cnn3v2", "cnn3v2")
+    config = SearchConfig(space="cnn3v2", trials=3)
+    output = search._start_search(str(tmp_path / "out"), DataConfig(image_size=32), TrainConfig(epochs=2),
+                                  config, space, resume=False)
+    saved = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert saved["search"] == {**vars(config)} and saved["space"]["model"] == "cnn3v2"
+    assert saved["data"]["image_size"] == 32 and saved["train"]["epochs"] == 2
+    assert saved["space"]["metric"] == "val_accuracy" and saved["versions"]["python"]
+    (tmp_path / "out" / "tune" / "search").mkdir(parents=True)  # a search ran here
+    with pytest.raises(ValueError, match="holds a search already"):
+        search._start_search(output, DataConfig(), TrainConfig(), SearchConfig(space="cnn3v2", trials=9), space, resume=False)
+    assert json.loads((tmp_path / "out" / "search.json").read_text()) == saved  # left alone
+
+
+@pytest.mark.parametrize("augmented_views, views", [(0, 1), (3, 3)])
+def test_the_head_search_takes_its_views_from_the_data_config(monkeypatch, tmp_path, augmented_views, views):
+    from dogbreeds import features
+
+    def stop(index, backbone, weights, image_size, views, data_config, *rest):
+        raise InterruptedError(views, data_config.augmented_views)
+
+    monkeypatch.setattr(features, "cache_features", stop)
+    data_config = DataConfig(data_dir=str(TINY_DIR), image_size=32, augmented_views=augmented_views, cache_dir=str(tmp_path))
+    with pytest.raises(InterruptedError) as caught:
+        search.search_head(data_config, TrainConfig(model="mobilenet_025", weights=None),
+                           SearchConfig(space="transfer_head"), str(tmp_path / "out"))
+    assert caught.value.args == (views, augmented_views)
+
+
+class _Result:
+    """What `write_results` reads of a Ray Tune Result."""
+
+    def __init__(self, trial_id, rows, config):
+        import pandas as pd
+
+        self.metrics_dataframe = pd.DataFrame(rows)
+        self.metrics = {"trial_id": trial_id, "time_total_s": 1.0}
+        self.config, self.error, self.path = config, None, f"/nowhere/{trial_id}"
+
+
+def test_the_space_metric_chooses_the_best_trial(tmp_path):
+    hp = spaces.build_hyperparameters(search.check_space("transfer_head"))
+    config = {"dropout_rate": 0.1, "hidden_layer": False, "hidden_units": 64, "learning_rate": 1e-3, "label_smoothing": 0.0}
+    results = [  # the best accuracy is not the lowest loss
+        _Result("a", [{"epoch": 1, "val_accuracy": 0.5, "val_loss": 1.2}, {"epoch": 2, "val_accuracy": 0.6, "val_loss": 1.1}], config),
+        _Result("b", [{"epoch": 1, "val_accuracy": 0.4, "val_loss": 0.9}, {"epoch": 2, "val_accuracy": 0.45, "val_loss": 1.0}], config),
+    ]
+    by_loss = search.write_results(results, hp, str(tmp_path), "head", "val_loss")
+    assert (by_loss["trial_id"], by_loss["metric"], by_loss["val_loss"]) == ("b", "val_loss", 0.9)
+    assert by_loss["val_accuracy"] == 0.4  # the accuracy at the trial's best epoch by loss
+    assert json.loads((tmp_path / "best.json").read_text()) == by_loss
+    by_accuracy = search.write_results(results, hp, str(tmp_path), "head")
+    assert (by_accuracy["trial_id"], by_accuracy["val_accuracy"]) == ("a", 0.6)
+
+
 def _rows(output):
     with open(output / "results.csv") as handle:
         return list(csv.DictReader(handle))
 
 
 @pytest.mark.slow
-def test_cnn3v2_search_of_two_trials(ray_cluster, cache_dir, tmp_path):
-    argv = [
-        "search", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32", "--epochs", "2",
-        "--trials", "2", "--concurrent-trials", "2", "--subset-per-class", "60",
-        "--cache-dir", cache_dir, "--output", str(tmp_path),
-    ]
-    assert cli.main(argv) == 0
+def test_cnn3v2_search_of_two_trials(ray_cluster, readme_search_cnn3v2_dir):
+    # The README's `search cnn3v2` (2 trials of 2 epochs at 32 px), run once for the session.
+    tmp_path = readme_search_cnn3v2_dir
     rows = _rows(tmp_path)
     assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
     assert all(0 <= float(row["val_accuracy"]) <= 1 and row["hp_filters_1"] for row in rows)

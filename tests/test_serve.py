@@ -11,12 +11,10 @@ import os
 import pathlib
 import re
 import shlex
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import zlib
@@ -27,7 +25,7 @@ from PIL import Image
 
 from dogbreeds import cli, serve as serving
 from tests.conftest import (
-    ARTIFACTS, NOT_DOGS_DIR, ROOT, SAMPLE_DIR, SHARED, free_port,
+    ARTIFACTS, NOT_DOGS_DIR, ROOT, SAMPLE_DIR, SHARED, LocalCluster, free_port,
 )
 
 README = (ROOT / "README.md").read_text()
@@ -122,10 +120,10 @@ def test_examples_are_one_photo_per_folder_first():
 
 @pytest.fixture(scope="module")
 def bundle_dir(ray_cluster, mobilenet_run_dir, tmp_path_factory):
-    """mobilenet_025 on the real backbone, one epoch, exported by the README's command."""
+    """The README's mobilenet_025 run (tests/conftest.py), exported by the README's command."""
     runs = tmp_path_factory.mktemp("serve") / "runs"
     export = _readme_command(".venv/bin/dogbreeds export ").removeprefix(".venv/bin/dogbreeds ")
-    argv = [arg.replace("runs/mobilenet", mobilenet_run_dir).replace("runs/", f"{runs}/") for arg in shlex.split(export)]
+    argv = [mobilenet_run_dir if arg == "runs/mobilenet" else arg.replace("runs/", f"{runs}/") for arg in shlex.split(export)]
     assert cli.main(argv) == 0
     return str(runs / "bundle")
 
@@ -443,8 +441,11 @@ def _dogbreeds_serve(argv: list[str], log, env=None):
     """`dogbreeds serve ...` as a user runs it: yields the URL it prints; stopped by Ctrl-C,
     after which it must exit 0."""
     with open(log, "w") as output:
+        # Ctrl-C as in a terminal, even when the tests themselves run in a background job
+        # (which starts its children with SIGINT ignored).
         process = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", "serve", *argv], cwd=ROOT,
-                                   stdout=output, stderr=subprocess.STDOUT, env=env)
+                                   stdout=output, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = _wait_for(
             lambda: re.search(r"^dogbreeds serve: (http://\S+)/ ", log.read_text(), re.M) or process.poll() is not None,
@@ -548,11 +549,10 @@ def test_serve_deploy_of_the_cluster_config_on_a_ray_started_head(bundle_dir, tm
     `serve deploy cluster/serve_config.yaml`, with only the bundle, the token file, host and port
     changed; the README's curl for a cluster, with its token, answers."""
     import httpx
-    import psutil
     import yaml
 
     config = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
-    serve_port, dashboard_port, gcs_port = free_port(), free_port(), free_port()
+    serve_port = free_port()
     config["http_options"].update(host="127.0.0.1", port=serve_port)
     (application,) = config["applications"]
     application["args"]["bundle"] = bundle_dir
@@ -564,25 +564,11 @@ def test_serve_deploy_of_the_cluster_config_on_a_ray_started_head(bundle_dir, tm
     deploy = _readme_command("serve deploy ").replace("cluster/serve_config.yaml", str(config_path))
 
     bin_dir = os.path.dirname(sys.executable)
-    temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # its own: no other ray.init finds it
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_DASHBOARD_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
-    env.pop("RAY_ADDRESS", None)
-    head_log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(
-        [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    # One head node of two CPUs, in its own temp dir: no other ray.init on this machine finds it.
+    head = LocalCluster(tmp_path, workers=0, num_cpus=2)
+    env = {**head.env, "RAY_DASHBOARD_ADDRESS": head.dashboard}
     try:
-        def dashboard_up():
-            try:
-                return httpx.get(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=5).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        _wait_for(lambda: dashboard_up() or head.poll() is not None, 120, "the dashboard")
-        assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+        head.start()
         result = subprocess.run(f"{bin_dir}/{deploy}", shell=True, env=env, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -602,19 +588,7 @@ def test_serve_deploy_of_the_cluster_config_on_a_ray_started_head(bundle_dir, tm
         assert len(json.loads(result.stdout)["predictions"]) == 3, result.stdout
         subprocess.run([f"{bin_dir}/serve", "shutdown", "--yes"], env=env, capture_output=True, timeout=120)
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        for process in psutil.process_iter():  # and whatever outlived it, in its session only
-            try:
-                if os.getsid(process.pid) == head.pid:
-                    process.kill()
-            except (psutil.Error, ProcessLookupError):
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        head_log.close()
+        head.stop()
 
 
 @pytest.mark.slow
@@ -624,8 +598,8 @@ def test_bench_serve_prints_and_writes_json(server, bundle_dir, tmp_path, capsys
     # Short: this checks the command, not the numbers (README's come from the full run).
     argv += ["--concurrency", "1", "4", "--duration", "1", "--max-batch-size", "8", "--port", str(server["port"])]
     assert cli.main(argv) == 0
-    output = next(arg for arg in argv if arg.endswith(".json"))
-    result = json.loads(pathlib.Path(output).read_text())
+    output = pathlib.Path(argv[argv.index("--output") + 1]) / "bench_serve.json"  # --output is a directory
+    result = json.loads(output.read_text())
     for mode in ("batched", "unbatched"):
         for concurrency in ("1", "4"):
             measured = result[mode][concurrency]

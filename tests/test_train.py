@@ -61,7 +61,15 @@ def test_existing_run_needs_resume(cnn3v2_run):
 
 
 def _train_workers():
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    """The Ray Train workers of this test's Ray (its processes descend from this one): other
+    test sessions on the machine run workers of their own."""
+    def is_worker(process):
+        try:
+            return "RayTrainWorker" in " ".join(process.cmdline())
+        except psutil.Error:  # ended meanwhile
+            return False
+
+    return [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, cache_dir, tmp_path):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import re
 from html import escape
 
+from dogbreeds import runs
+from dogbreeds.report import markup
 from dogbreeds.report.photos import PHOTOS_PER_BREED, breed_photos, predict_samples, thumbnail
 from dogbreeds.report.plots import (
-    Plot, format_value, plot_breed_accuracy, plot_hyperparameter, plot_training_curves, plot_trial_curves,
+    format_value, plot_breed_accuracy, plot_hyperparameter, plot_training_curves, plot_trial_curves,
 )
 from dogbreeds.report.run import Run, SearchRun, TrainingRun, read_run
 
@@ -36,7 +37,7 @@ def write_report(run_dir: str, output: str | None = None, predictions: bool = Tr
     """Render `run_dir` into one self-contained HTML file (default `run_dir/report.html`) and
     return its path. `predictions=False` skips loading the model for sample predictions."""
     page = render_report(read_run(run_dir), predictions)
-    path = os.path.abspath(output or os.path.join(run_dir, "report.html"))
+    path = os.path.abspath(output or os.path.join(run_dir, runs.REPORT))
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(page)
     return path
@@ -58,20 +59,20 @@ def render_report(run: Run, predictions: bool = True) -> str:
     groups = {}
     for section in sections:
         groups.setdefault(section.title.split(": ")[0], section.anchor)
-    links = "".join(f'<a href="#{_anchor(a)}">{escape(group)}</a>' for group, a in groups.items())
+    links = "".join(f'<a href="#{markup.anchor(a)}">{escape(group)}</a>' for group, a in groups.items())
     fact_list = "".join(
         f'<div{" class=wide" if key in WIDE_FACTS else ""}><dt>{escape(key)}</dt>'
         f"<dd>{escape(str(value))}</dd></div>"
         for key, value in facts
     )
     body = "\n".join(
-        f'<section id="{_anchor(s.anchor)}"><h2>{escape(s.title)}</h2>\n{s.body}\n</section>' for s in sections
+        f'<section id="{markup.anchor(s.anchor)}"><h2>{escape(s.title)}</h2>\n{s.body}\n</section>' for s in sections
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)} - dogbreeds report</title>
-<style>{CSS}</style></head>
+<style>{markup.CSS}</style></head>
 <body><main>
 <header class="hero"><div class="kind">{escape(kind)}</div><h1>{escape(title)}</h1>
 <dl class="facts">{fact_list}</dl></header>
@@ -123,8 +124,8 @@ def _describe(run: Run) -> tuple[str, str, list[tuple[str, object]]]:
         facts.append(("epochs", f"{metrics['epochs_run']} of {train_config.get('epochs', '?')}"))
     if run.training and metrics.get("train_seconds") is not None:
         workers = metrics.get("workers", 1)
-        facts.append(("training time", _duration(metrics["train_seconds"])
-                      + _plural(workers, " on {} worker", " on {} workers")))
+        facts.append(("training time", markup.duration(metrics["train_seconds"])
+                      + markup.plural(workers, " on {} worker", " on {} workers")))
     finished = datetime.datetime.fromtimestamp(run.modified).strftime("%Y-%m-%d %H:%M")
     facts.append(("finished", finished))
     versions = config.get("versions") or {}
@@ -145,9 +146,9 @@ def _training_sections(training: TrainingRun, anchor: str, prefix: str, predicti
         body = _metric_cards(split_metrics, split)
         validation = metrics.get("validation") or {}
         if split == "test" and validation:
-            body += _note(f"On the validation split: top-1 {_percent(validation.get('top1'))}, "
-                          f"top-5 {_percent(validation.get('top5'))}.")
-        title = _title(prefix, f"{split.capitalize()} metrics")
+            body += markup.note(f"On the validation split: top-1 {markup.percent(validation.get('top1'))}, "
+                          f"top-5 {markup.percent(validation.get('top5'))}.")
+        title = markup.title(prefix, f"{split.capitalize()} metrics")
         sections.append(Section(f"{anchor}-metrics", title, body))
     if training.history:
         train_config = config.get("train") or {}
@@ -158,19 +159,19 @@ def _training_sections(training: TrainingRun, anchor: str, prefix: str, predicti
             "workers": train_config.get("workers"),
             **(train_config.get("hparams") or {}),
         }
-        body = _chips(settings) + _image(plot_training_curves(training.history), "learning curves")
-        sections.append(Section(f"{anchor}-curves", _title(prefix, "Learning curves"), body))
+        body = markup.chips(settings) + markup.image(plot_training_curves(training.history), "learning curves")
+        sections.append(Section(f"{anchor}-curves", markup.title(prefix, "Learning curves"), body))
     if split_metrics.get("per_breed_accuracy"):
         chart = plot_breed_accuracy(split_metrics["per_breed_accuracy"], split_metrics.get("top1"))
-        body = _note(f"The share of each breed's {split} photos classified right.")
-        sections.append(Section(f"{anchor}-breeds", _title(prefix, "Accuracy per breed"),
-                                body + _image(chart, "accuracy per breed")))
+        body = markup.note(f"The share of each breed's {split} photos classified right.")
+        sections.append(Section(f"{anchor}-breeds", markup.title(prefix, "Accuracy per breed"),
+                                body + markup.image(chart, "accuracy per breed")))
     if training.confusions:
-        sections.append(Section(f"{anchor}-confusions", _title(prefix, "Most confused breeds"),
+        sections.append(Section(f"{anchor}-confusions", markup.title(prefix, "Most confused breeds"),
                                 _confusions_html(training.confusions, data_dir, split)))
-    has_model = os.path.isfile(os.path.join(training.directory, "model.keras"))
+    has_model = os.path.isfile(os.path.join(training.directory, runs.MODEL))
     if predictions and has_model and split == "test" and config:
-        sections.append(Section(f"{anchor}-predictions", _title(prefix, "Sample predictions"),
+        sections.append(Section(f"{anchor}-predictions", markup.title(prefix, "Sample predictions"),
                                 _predictions_html(training, data_dir)))
     return sections
 
@@ -178,27 +179,27 @@ def _training_sections(training: TrainingRun, anchor: str, prefix: str, predicti
 def _metric_cards(split_metrics: dict, split: str) -> str:
     names = {"top1": "top-1 accuracy", "top5": "top-5 accuracy",
              "precision": "precision (macro)", "recall": "recall (macro)"}
-    cards = [(_percent(split_metrics[k]), label) for k, label in names.items() if k in split_metrics]
+    cards = [(markup.percent(split_metrics[k]), label) for k, label in names.items() if k in split_metrics]
     if "num_images" in split_metrics:
         cards.append((f"{split_metrics['num_images']:,}", f"{split} images"))
-    return _cards(cards)
+    return markup.cards(cards)
 
 
 def _confusions_html(confusions: list[dict], data_dir: str | None, split: str) -> str:
-    body = _note(f"{split.capitalize()} photos of the breed on the left that the model called the "
+    body = markup.note(f"{split.capitalize()} photos of the breed on the left that the model called the "
                  f"breed on the right, most frequent first ({len(confusions)} pairs in confusions.csv).")
     photos = {}
     if data_dir and os.path.isdir(data_dir):
         photos = breed_photos(data_dir)
     elif data_dir:
-        body += _note(f"Photos are not shown: the data folder {data_dir} is not on this machine.")
+        body += markup.note(f"Photos are not shown: the data folder {data_dir} is not on this machine.")
     for pair in confusions[:CONFUSED_PAIRS_SHOWN]:
         count, fraction = pair.get("count"), pair.get("fraction_of_true")
-        share = f"{_percent(fraction)} of its {split} photos" if fraction is not None else ""
+        share = f"{markup.percent(fraction)} of its {split} photos" if fraction is not None else ""
         body += (
             f'<div class="pair">{_breed_html(str(pair["true_breed"]), photos, "true")}'
             f'<div class="arrow"><div class="count">{escape(str(count))}</div>'
-            f'<div>{_plural(count, "photo", "photos")} taken for</div><div class="sign">&rarr;</div>'
+            f'<div>{markup.plural(count, "photo", "photos")} taken for</div><div class="sign">&rarr;</div>'
             f'<div class="share">{escape(share)}</div></div>'
             f'{_breed_html(str(pair["predicted_breed"]), photos, "predicted")}</div>'
         )
@@ -214,13 +215,13 @@ def _breed_html(breed: str, photos: dict[str, list[str]], role: str) -> str:
 
 def _predictions_html(training: TrainingRun, data_dir: str | None) -> str:
     if not data_dir:
-        return _note("Not shown: the run read TFDS, and the report reads photos from a data folder.")
+        return markup.note("Not shown: the run read TFDS, and the report reads photos from a data folder.")
     try:
         samples, predicted = predict_samples(training)
     except (ValueError, OSError) as error:
-        return _note(f"Not shown: {error}")
+        return markup.note(f"Not shown: {error}")
     if not samples:
-        return _note("Not shown: none of the test photos could be read.")
+        return markup.note("Not shown: none of the test photos could be read.")
     cards = []
     for sample in samples:
         top = "".join(
@@ -237,7 +238,7 @@ def _predictions_html(training: TrainingRun, data_dir: str | None) -> str:
             f'<div class="truth">{escape(sample["true_breed"])}</div><ol>{top}</ol></figcaption></figure>'
         )
     right = sum(sample["correct"] for sample in samples)
-    note = _note(f"{right} right and {len(samples) - right} wrong, picked from {predicted} random "
+    note = markup.note(f"{right} right and {len(samples) - right} wrong, picked from {predicted} random "
                  "test photos; each with the model's top 3 breeds.")
     return note + '<div class="predictions">' + "".join(cards) + "</div>"
 
@@ -246,14 +247,14 @@ def _search_sections(search: SearchRun, name: str, predictions: bool):
     """The best trial and its hyperparameters, every trial's curve, accuracy against each
     hyperparameter, the trials table, then the final model."""
     label = f"{_search_name(search, name)} search"
-    results = sorted(search.results, key=lambda row: -_number_or_inf(row.get("val_accuracy")))
+    results = sorted(search.results, key=lambda row: -markup.number_or_inf(row.get("val_accuracy")))
     best_id, best_accuracy = _best_trial(search, results)
     hp_columns = [column for column in (results[0] if results else {}) if column.startswith("hp_")]
     summary = _search_summary(search, results, best_id, best_accuracy)
     sections = [Section(f"{name}-best", f"{label}: the best trial", summary)]
     if search.trial_histories:
-        body = _note("Validation accuracy per epoch of every trial.")
-        body += _image(plot_trial_curves(search.trial_histories, best_id), "trial curves")
+        body = markup.note("Validation accuracy per epoch of every trial.")
+        body += markup.image(plot_trial_curves(search.trial_histories, best_id), "trial curves")
         sections.append(Section(f"{name}-curves", f"{label}: learning curves", body))
     finished = [row for row in results if row.get("val_accuracy") is not None]
     best_position = next((i for i, row in enumerate(finished) if row["trial_id"] == best_id), None)
@@ -263,9 +264,9 @@ def _search_sections(search: SearchRun, name: str, predictions: bool):
         values = [row.get(column) for row in finished]
         if any(value is not None for value in values):
             plot = plot_hyperparameter(column[3:], values, accuracies, best_position)
-            plots.append(_image(plot, column[3:]))
+            plots.append(markup.image(plot, column[3:]))
     if plots:
-        body = _note("Each dot is a trial (its best validation accuracy); the star is the best trial.")
+        body = markup.note("Each dot is a trial (its best validation accuracy); the star is the best trial.")
         body += '<div class="plot-grid">' + "".join(plots) + "</div>"
         sections.append(Section(f"{name}-hparams", f"{label}: accuracy by hyperparameter", body))
     if results:
@@ -311,20 +312,20 @@ def _search_summary(search: SearchRun, results: list[dict], best_id, best_accura
     trials = ", ".join(f"{count} {status}" for status, count in statuses.items())
     seconds = sum(row.get("seconds") or 0 for row in results)
     cards = [
-        (_percent(best_accuracy), "best validation accuracy"),
+        (markup.percent(best_accuracy), "best validation accuracy"),
         (best_id or "—", "best trial"),
         (trials or str(len(search.trial_histories)), "trials"),
-        (_duration(seconds) if seconds else "—", "time in trials"),
+        (markup.duration(seconds) if seconds else "—", "time in trials"),
     ]
     final = best.get("final") or {}
     if isinstance(final.get("test"), (int, float)):
-        cards.append((_percent(final["test"]), "final model, test top-1"))
-    body = _cards(cards, small=True)
+        cards.append((markup.percent(final["test"]), "final model, test top-1"))
+    body = markup.cards(cards, small=True)
     chosen = best.get("hparams")
     if chosen is None and results:  # no best.json: the best row of results.csv
         chosen = {k[3:]: v for k, v in results[0].items() if k.startswith("hp_") and v is not None}
     if chosen:
-        body += "<h3>Chosen hyperparameters</h3>" + _chips(chosen)
+        body += "<h3>Chosen hyperparameters</h3>" + markup.chips(chosen)
     return body
 
 
@@ -338,15 +339,15 @@ def _trials_table(results: list[dict], hp_columns: list[str], best_id: str | Non
         seconds = row.get("seconds")
         cells = [
             escape(str(row.get("trial_id"))), escape(format_value(row.get("status"))),
-            meter + _percent(accuracy), format_value(row.get("val_loss")), format_value(row.get("epochs")),
-            "—" if seconds is None else _duration(seconds),
+            meter + markup.percent(accuracy), format_value(row.get("val_loss")), format_value(row.get("epochs")),
+            "—" if seconds is None else markup.duration(seconds),
             *(escape(format_value(row.get(column))) for column in hp_columns),
         ]
         rows.append((cells, str(row.get("trial_id")) == best_id))
     head = ["trial", "status", "val accuracy", "val loss", "epochs", "time"]
     head += [column[3:] for column in hp_columns]
-    note = _note("Sorted by validation accuracy; the best trial is highlighted.")
-    return note + _table(head, rows, 2)
+    note = markup.note("Sorted by validation accuracy; the best trial is highlighted.")
+    return note + markup.table(head, rows, 2)
 
 
 def _bundle_sections(bundle: dict, searches: dict[str, SearchRun], pipeline: dict | None):
@@ -360,17 +361,17 @@ def _bundle_sections(bundle: dict, searches: dict[str, SearchRun], pipeline: dic
         "breeds": len(bundle.get("class_names") or []) or None, "exported": bundle.get("exported_at"),
         "from": f"the {chosen} search's final model" if chosen else None,
     }
-    body = _chips(details) + (_metric_cards(test, "test") if test else "")
+    body = markup.chips(details) + (_metric_cards(test, "test") if test else "")
     if finals:
         rows = [([escape(name), escape(str(metrics.get("model", "—"))),
-                  _percent((metrics.get("validation") or {}).get("top1")),
-                  _percent((metrics.get("test") or {}).get("top1")),
+                  markup.percent((metrics.get("validation") or {}).get("top1")),
+                  markup.percent((metrics.get("test") or {}).get("top1")),
                   "exported" if name == chosen else ""], name == chosen)
                 for name, metrics in finals.items()]
         rule = " Chosen by validation accuracy: the test split picks nothing." if pipeline else ""
         body += "<h3>The searches' final models</h3>"
-        body += _note(f"Top-1 accuracy of each search's best configuration, retrained.{rule}")
-        body += _table(["search", "model", "validation top-1", "test top-1", ""], rows, 2, 4)
+        body += markup.note(f"Top-1 accuracy of each search's best configuration, retrained.{rule}")
+        body += markup.table(["search", "model", "validation top-1", "test top-1", ""], rows, 2, 4)
     return [Section("bundle", "Exported model", body)]
 
 
@@ -383,154 +384,3 @@ def _exported_from(bundle: dict, searches: dict[str, SearchRun], pipeline: dict 
     test = (bundle.get("metrics") or {}).get("test")
     return next((name for name, search in searches.items() if test and search.final
                  and (search.final.metrics or {}).get("test") == test), None)
-
-
-# Small pieces of HTML. Arguments are escaped here, except `_table`'s cells (already HTML).
-
-
-def _cards(cards: list[tuple[str, str]], small: bool = False) -> str:
-    value_class = "value small" if small else "value"
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="{value_class}">{escape(str(value))}</div>'
-        f'<div class="label">{escape(label)}</div></div>'
-        for value, label in cards
-    ) + "</div>"
-
-
-def _table(
-    head: list[str], rows: list[tuple[list[str], bool]], first_number: int,
-    end_number: int | None = None,
-) -> str:
-    """A table of HTML cells; columns first_number:end_number are numbers (right-aligned);
-    rows are (cells, highlighted)."""
-    numeric = set(range(first_number, len(head) if end_number is None else end_number))
-
-    def cell(tag, index, content):
-        return f'<{tag}{" class=number" if index in numeric else ""}>{content}</{tag}>'
-
-    header = "".join(cell("th", i, escape(h)) for i, h in enumerate(head))
-    body = "".join(
-        f'<tr{" class=best" if highlighted else ""}>'
-        + "".join(cell("td", i, content) for i, content in enumerate(cells)) + "</tr>"
-        for cells, highlighted in rows
-    )
-    return (f'<div class="table-wrap"><table><thead><tr>{header}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>")
-
-
-def _chips(values: dict) -> str:
-    return '<div class="chips">' + "".join(
-        f"<span>{escape(str(key))} <b>{escape(format_value(value))}</b></span>"
-        for key, value in values.items() if value is not None
-    ) + "</div>"
-
-
-def _image(plot: Plot, alt: str) -> str:
-    return (f'<img class="plot" style="max-width:{plot.width}px" src="{plot.data_uri}" '
-            f'alt="{escape(alt)}">')
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{escape(text)}</p>'
-
-
-def _anchor(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
-
-
-def _title(prefix: str, title: str) -> str:
-    return prefix + title[0].lower() + title[1:] if prefix else title
-
-
-# Numbers as people read them.
-
-
-def _percent(value) -> str:
-    return "—" if value is None else f"{value * 100:.1f}%"
-
-
-def _duration(seconds: float) -> str:
-    seconds = float(seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _plural(count, one: str, many: str) -> str:
-    return (one if count == 1 else many).format(count)
-
-
-def _number_or_inf(value) -> float:
-    return float(value) if isinstance(value, (int, float)) else float("-inf")
-
-
-CSS = """
-:root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --ground:#f3f5f8; --accent:#2563eb;
-  --best:#e4572e; --good:#2a9d8f; --bad:#d1495b; }
-* { box-sizing:border-box; }
-body { margin:0; background:var(--ground); color:var(--ink);
-  font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
-main { max-width:1120px; margin:0 auto; padding:24px 20px 48px; }
-.hero { background:linear-gradient(135deg,#1e3a8a,#2563eb); color:#fff; padding:26px 30px;
-  border-radius:14px; box-shadow:0 4px 18px rgba(30,58,138,.25); }
-.hero .kind { text-transform:uppercase; letter-spacing:.09em; font-size:12px; opacity:.8; }
-.hero h1 { margin:2px 0 0; font-size:30px; line-height:1.2; }
-.facts { display:grid; grid-template-columns:repeat(auto-fit,minmax(190px,1fr)); gap:10px 26px; margin:18px 0 0; }
-.facts .wide { grid-column:span 2; }
-.facts dt { font-size:12px; opacity:.75; } .facts dd { margin:0; font-weight:600; overflow-wrap:anywhere; }
-nav { display:flex; flex-wrap:wrap; gap:6px; margin:16px 0 0; }
-nav a { font-size:13px; color:var(--accent); background:#fff; border:1px solid var(--line);
-  border-radius:999px; padding:3px 12px; text-decoration:none; }
-nav a:hover { border-color:var(--accent); }
-section { background:#fff; border:1px solid var(--line); border-radius:14px; padding:20px 26px; margin-top:18px; }
-h2 { margin:0 0 10px; font-size:20px; }
-h3 { margin:18px 0 8px; font-size:15px; color:var(--muted); }
-.note { color:var(--muted); font-size:14px; margin:0 0 12px; }
-.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(160px,1fr)); gap:12px; margin-bottom:10px; }
-.card { border:1px solid var(--line); border-radius:10px; padding:12px 16px; background:#fafbfc; }
-.card .value { font-size:30px; font-weight:700; font-variant-numeric:tabular-nums; color:#102a43; }
-.card .value.small { font-size:22px; overflow-wrap:anywhere; }
-.card .label { font-size:13px; color:var(--muted); }
-img.plot { display:block; width:100%; height:auto; margin:0 auto; }
-.plot-grid { display:grid; grid-template-columns:repeat(auto-fill,minmax(320px,1fr)); gap:14px; }
-.chips span { display:inline-block; background:#eef2ff; color:#243b53; border-radius:999px;
-  padding:3px 12px; margin:0 6px 8px 0; font-size:14px; }
-.chips b { font-variant-numeric:tabular-nums; }
-.table-wrap { overflow:auto; max-height:560px; border:1px solid var(--line); border-radius:10px; }
-table { border-collapse:collapse; width:100%; font-size:14px; font-variant-numeric:tabular-nums; }
-th { position:sticky; top:0; background:#f8fafc; text-align:left; font-weight:600; color:var(--muted);
-  border-bottom:2px solid var(--line); padding:8px 12px; white-space:nowrap; }
-td { border-bottom:1px solid var(--line); padding:7px 12px; white-space:nowrap; }
-td.number, th.number { text-align:right; }
-.meter { display:inline-block; width:64px; height:8px; margin-right:8px; background:#edf0f4;
-  border-radius:4px; overflow:hidden; vertical-align:middle; }
-.meter span { display:block; height:100%; background:var(--accent); }
-tbody tr:hover td { background-color:#f8fafc; }
-tr.best td { font-weight:700; } tr.best td:first-child { box-shadow:inset 4px 0 0 var(--best); }
-.pair { display:grid; grid-template-columns:1fr 150px 1fr; align-items:center; gap:16px;
-  padding:12px 0; border-top:1px solid var(--line); }
-.breed .name { font-weight:600; } .breed.true { text-align:right; }
-.breed.true .thumbs { justify-content:flex-end; }
-.thumbs { display:flex; gap:6px; margin-top:6px; min-height:8px; }
-.thumbs img { width:96px; height:96px; object-fit:cover; border-radius:8px; }
-.arrow { text-align:center; color:var(--bad); }
-.arrow .count { font-size:26px; font-weight:700; line-height:1; }
-.arrow .share { font-size:12px; color:var(--muted); } .arrow .sign { font-size:28px; line-height:1.1; }
-.predictions { display:grid; grid-template-columns:repeat(auto-fill,minmax(180px,1fr)); gap:12px; }
-.prediction { margin:0; border:2px solid var(--line); border-radius:12px; padding:8px; }
-.prediction.right { border-color:var(--good); } .prediction.wrong { border-color:var(--bad); }
-.prediction img { display:block; width:100%; aspect-ratio:1; object-fit:cover; border-radius:8px; }
-.prediction .truth { font-weight:700; margin:6px 0 4px; }
-.prediction.right .truth::before { content:"\\2713  "; color:var(--good); }
-.prediction.wrong .truth::before { content:"\\2717  "; color:var(--bad); }
-.prediction ol { list-style:none; margin:0; padding:0; font-size:12px; }
-.prediction li { position:relative; display:flex; justify-content:space-between; padding:1px 4px; }
-.prediction li .breed-name { overflow:hidden; text-overflow:ellipsis; white-space:nowrap; min-width:0; }
-.prediction li .probability { flex:none; margin-left:6px; }
-.prediction li .bar { position:absolute; left:0; top:0; bottom:0; background:#dbe7fd; z-index:-1;
-  border-radius:3px; }
-.prediction li { z-index:0; } .prediction li.true { font-weight:700; }
-footer { color:var(--muted); font-size:12px; text-align:center; margin-top:24px; overflow-wrap:anywhere; }
-"""

@@ -7,6 +7,7 @@ import functools
 import io
 import os
 
+from dogbreeds import runs
 from dogbreeds.report.run import TrainingRun
 
 # Example photos of each breed beside a confused pair.
@@ -81,7 +82,7 @@ def predict_samples(training: TrainingRun) -> tuple[list[dict], int]:
             continue  # a photo that does not decode is skipped, as in training
     if not images:
         return [], 0
-    model = keras.models.load_model(os.path.join(training.directory, "model.keras"), compile=False)
+    model = keras.models.load_model(os.path.join(training.directory, runs.MODEL), compile=False)
     probabilities = model.predict(np.stack(images).astype(np.float32), verbose=0)
     names = training.metrics["class_names"]
     samples = []

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 
+from dogbreeds import runs
+
 
 @dataclasses.dataclass
 class TrainingRun:
@@ -51,13 +53,13 @@ def read_run(run_dir: str) -> Run:
     searches = {}
     for name in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, name)
-        if name not in ("trials", "final") and os.path.isdir(path):
+        if name not in (runs.TRIALS, runs.FINAL) and os.path.isdir(path):
             search = _read_search(path)
             if search:
                 searches[name] = search
-    bundle = _read_json(os.path.join(run_dir, "bundle", "bundle.json"))
+    bundle = _read_json(os.path.join(run_dir, runs.BUNDLE, "bundle.json"))
     bundle = bundle or _read_json(os.path.join(run_dir, "bundle.json"))
-    pipeline = _read_json(os.path.join(run_dir, "pipeline.json"))
+    pipeline = _read_json(os.path.join(run_dir, runs.PIPELINE))
     run = Run(run_dir, _read_training(run_dir), _read_search(run_dir), searches, bundle, pipeline, 0.0)
     if not (run.training or run.search or run.searches or run.bundle):
         raise ValueError(
@@ -65,8 +67,8 @@ def read_run(run_dir: str) -> Run:
             "history.json, confusions.csv, config.json), a search (results.csv, best.json, "
             "trials/) or a pipeline (search folders, bundle/bundle.json)"
         )
-    names = ("metrics.json", "history.json", "results.csv", "best.json", "pipeline.json",
-             "bundle/bundle.json")
+    names = (runs.METRICS, runs.HISTORY, runs.RESULTS, runs.BEST, runs.PIPELINE,
+             os.path.join(runs.BUNDLE, "bundle.json"))
     times = [os.path.getmtime(os.path.join(run_dir, n)) for n in names
              if os.path.exists(os.path.join(run_dir, n))]
     run.modified = max(times or [os.path.getmtime(run_dir)])
@@ -76,28 +78,28 @@ def read_run(run_dir: str) -> Run:
 def _read_training(directory: str) -> TrainingRun | None:
     run = TrainingRun(
         directory,
-        _read_json(os.path.join(directory, "config.json")),
-        _read_json(os.path.join(directory, "metrics.json")),
-        _read_json(os.path.join(directory, "history.json")),
-        _read_csv(os.path.join(directory, "confusions.csv"), keep_text=("true_breed", "predicted_breed")),
+        _read_json(os.path.join(directory, runs.CONFIG)),
+        _read_json(os.path.join(directory, runs.METRICS)),
+        _read_json(os.path.join(directory, runs.HISTORY)),
+        _read_csv(os.path.join(directory, runs.CONFUSIONS), keep_text=("true_breed", "predicted_breed")),
     )
     return run if (run.config or run.metrics or run.history or run.confusions) else None
 
 
 def _read_search(directory: str) -> SearchRun | None:
-    results = _read_csv(os.path.join(directory, "results.csv"), keep_text=("trial_id", "status"))
-    best = _read_json(os.path.join(directory, "best.json"))
-    trials_dir = os.path.join(directory, "trials")
+    results = _read_csv(os.path.join(directory, runs.RESULTS), keep_text=("trial_id", "status"))
+    best = _read_json(os.path.join(directory, runs.BEST))
+    trials_dir = os.path.join(directory, runs.TRIALS)
     histories, trial_config = {}, None
     if os.path.isdir(trials_dir):
         for trial_id in sorted(os.listdir(trials_dir)):
-            history = _read_json(os.path.join(trials_dir, trial_id, "history.json"))
+            history = _read_json(os.path.join(trials_dir, trial_id, runs.HISTORY))
             if history:
                 histories[trial_id] = history
-            trial_config = trial_config or _read_json(os.path.join(trials_dir, trial_id, "config.json"))
+            trial_config = trial_config or _read_json(os.path.join(trials_dir, trial_id, runs.CONFIG))
     if results is None and best is None and not histories:
         return None
-    final = _read_training(os.path.join(directory, "final"))
+    final = _read_training(os.path.join(directory, runs.FINAL))
     return SearchRun(directory, results or [], best, histories, trial_config, final)
 
 
