@@ -9,12 +9,13 @@
     dogbreeds serve bundles/best --examples ../shared/data/stanford_dogs_sample
 
 Every option that sets a configuration field is derived from its class: DataConfig,
-TrainConfig, ServeArgs (config.py) and SearchConfig (search.py). A field becomes
-`--field-name` of the field's type (a bool is `--x/--no-x`, an Optional accepts `none`), its
-help is the comment above the field and its default the field's own, so each default and its
-reason are written once. A few options keep the name users know as an alias (`--batch-size`,
-`--views`, `--replicas`, ...). `--config FILE.yaml` sets any field (sections `data:`,
-`train:`, `search:`, `serve:`); options given on the command line override it.
+TrainConfig, ServeArgs (config.py) and SearchConfig (search.py). config.py owns what a field
+accepts (`settable_fields`) and reads `--config` files; this module wires them into commands.
+A field becomes `--field-name` of the field's type (a bool is `--x/--no-x`, an Optional accepts
+`none`), its help is the comment above the field and its default the field's own, so each
+default and its reason are written once. A few options keep the name users know as an alias
+(`--batch-size`, `--views`, `--replicas`, ...). `--config FILE.yaml` sets any field (sections
+`data:`, `train:`, `search:`, `serve:`); options given on the command line override it.
 
 This is a small derivation of ours rather than jsonargparse or tyro: they would add a dependency,
 their own help format and their own config-file rules, while our classes already carry a
@@ -29,19 +30,16 @@ TensorFlow's start-up noise is filtered from stderr unless `--verbose`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import re
 import sys
 import threading
-import types
-import typing
 
 import dogbreeds
 from dogbreeds import config, runs
-from dogbreeds.config import DataConfig, ServeArgs, TrainConfig
+from dogbreeds.config import DataConfig, TrainConfig
 
 log = logging.getLogger("dogbreeds")
 
@@ -52,18 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------
-# Options derived from the configuration classes.
+# Options derived from the configuration classes (config.settable_fields).
 
-
-def _search_config_class():
-    from dogbreeds.search import SearchConfig  # light at its top: no TensorFlow or Ray
-
-    return SearchConfig
-
-
-# The configuration classes, by their section name in `--config FILE.yaml`.
-SECTIONS = {"data": lambda: DataConfig, "train": lambda: TrainConfig,
-            "search": _search_config_class, "serve": lambda: ServeArgs}
 
 # Names users know from earlier versions, kept as aliases of the fields' own options.
 ALIASES = {
@@ -76,90 +64,8 @@ ALIASES = {
     "serve.examples_dir": ["--examples"],
 }
 
-# The values a string field accepts, where its class states them in its comment only.
-CHOICES = {"search.algorithm": ("random", "tpe"), "search.scheduler": ("asha", "none")}
-
-# Counts where 0 or less means nothing: refused here, before anything starts.
-POSITIVE = {"train.epochs", "train.workers", "train.per_worker_batch_size", "train.cpus_per_worker",
-            "search.trials", "search.concurrent_trials"}
-
-
 # How `--help` names a value of each type.
 METAVARS = {int: "N", float: "X", str: "TEXT"}
-
-
-class _Field(typing.NamedTuple):
-    section: str
-    name: str
-    kind: type  # int, float, str, bool, or tuple (of str)
-    optional: bool
-    default: typing.Any
-    help: str
-
-    @property
-    def dest(self) -> str:
-        return f"{self.section}.{self.name}"
-
-    def convert(self, value):
-        """A value from the command line (a string) or a config file, as this field's type;
-        a bad one is a ValueError."""
-        if self.optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
-            return None
-        if self.kind is tuple:
-            return tuple(str(item) for item in (value if isinstance(value, (list, tuple)) else [value]))
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            raise ValueError(f"expected true or false, got {value!r}")
-        if isinstance(value, bool) or (self.kind is not str and isinstance(value, (list, dict))):
-            raise ValueError(f"expected {self.kind.__name__}, got {value!r}")
-        if self.kind is int and isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError(f"expected int, got {value!r}")
-            value = int(value)
-        value = self.kind(value)
-        if self.name == "image_size":
-            from dogbreeds import models
-
-            models.check_image_size(value)
-        if self.dest in POSITIVE and value <= 0:
-            raise ValueError(f"must be at least 1, got {value}")
-        if self.dest in CHOICES and value not in CHOICES[self.dest]:
-            raise ValueError(f"choose from {', '.join(CHOICES[self.dest])}, got {value!r}")
-        return value
-
-
-def _kind(annotation) -> tuple[type | None, bool]:
-    """(int/float/str/bool/tuple, optional) of a field's annotation; None: not an option."""
-    optional = False
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        members = [member for member in typing.get_args(annotation) if member is not type(None)]
-        optional = len(members) < len(typing.get_args(annotation))
-        if len(members) != 1:
-            return None, optional
-        annotation = members[0]
-    if typing.get_origin(annotation) is tuple:
-        return tuple, optional
-    return (annotation if annotation in (int, float, str, bool) else None), optional
-
-
-def config_fields(section: str) -> dict[str, _Field]:
-    """The fields of a section's class that are options: each with its type, default and help
-    (the comment above it). Mappings (TrainConfig.hparams) and required fields are left out."""
-    cls = SECTIONS[section]()
-    comments = config.field_comments(cls)
-    if dataclasses.is_dataclass(cls):
-        hints = typing.get_type_hints(cls)
-        items = [(f.name, hints[f.name], f.default) for f in dataclasses.fields(cls)]
-    else:
-        items = [(name, info.annotation, info.default) for name, info in cls.model_fields.items()]
-    fields = {}
-    for name, annotation, default in items:
-        kind, optional = _kind(annotation)
-        if kind is None or default is dataclasses.MISSING or repr(default) == "PydanticUndefined":
-            continue
-        fields[name] = _Field(section, name, kind, optional, default, comments.get(name, ""))
-    return fields
 
 
 class _TupleAction(argparse.Action):
@@ -167,48 +73,53 @@ class _TupleAction(argparse.Action):
         setattr(namespace, self.dest, tuple(values))
 
 
-def _argument_type(field: _Field):
+def _argument_type(setting: config.Setting):
     def convert(text):
         try:
-            return field.convert(text)
+            return setting.convert(text)
         except ValueError as error:
             if str(error).startswith("invalid literal") or "could not convert" in str(error):
                 raise  # argparse says: invalid int value: 'many'
             raise argparse.ArgumentTypeError(f"{error}") from None
 
-    convert.__name__ = field.kind.__name__
+    convert.__name__ = setting.kind.__name__
     return convert
+
+
+def _add_option(group, setting: config.Setting, default) -> None:
+    """`--field-name` (and its aliases) for one setting; absent from the namespace unless given
+    (argparse.SUPPRESS), so a config file's value is overridden only by what the command line says."""
+    flags = [f"--{setting.name.replace('_', '-')}", *ALIASES.get(setting.dest, [])]
+    about = setting.help.replace("%", "%%") + f" (default: {'none' if default is None else default})"
+    if setting.kind is bool:
+        group.add_argument(*flags, dest=setting.dest, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=about)
+    elif setting.kind is tuple:
+        group.add_argument(*flags, dest=setting.dest, action=_TupleAction, nargs="+", default=argparse.SUPPRESS,
+                           help=about, metavar=METAVARS[str])
+    else:
+        choices = config.CHOICES.get(setting.dest)
+        metavar = "{" + ",".join(choices) + "}" if choices else METAVARS[setting.kind]
+        group.add_argument(*flags, dest=setting.dest, type=_argument_type(setting), default=argparse.SUPPRESS,
+                           help=about, metavar=metavar)
 
 
 def add_config_options(parser, section: str, skip=(), only=None, defaults=None) -> None:
     """Add an option for each field of `section`'s class (but `skip`; only `only` if given).
-    `defaults` are this command's own, over the class's. Options not given stay out of the
-    namespace (argparse.SUPPRESS), so a config file's values are overridden only by what the
-    command line really says."""
+    `defaults` are this command's own, over the class's."""
     defaults = defaults or {}
-    group = parser.add_argument_group(f"{section} ({SECTIONS[section]().__name__})")
-    for name, field in config_fields(section).items():
+    group = parser.add_argument_group(f"{section} ({config.section_class(section).__name__})")
+    for name, setting in config.settable_fields(section).items():
         if name in skip or (only is not None and name not in only):
             continue
-        flags = [f"--{name.replace('_', '-')}", *ALIASES.get(field.dest, [])]
-        parser._dogbreeds_fields.setdefault(section, {})[name] = field
-        if flags[0] in parser._option_string_actions:  # `--seed`: one option sets both fields
-            parser._dogbreeds_shared.setdefault(section, {})[name] = parser._option_string_actions[flags[0]].dest
+        parser._dogbreeds_fields.setdefault(section, {})[name] = setting
+        option = parser._option_string_actions.get(f"--{name.replace('_', '-')}")
+        if option is not None:  # `--seed`: one option sets both fields
+            parser._dogbreeds_shared.setdefault(section, {})[name] = option.dest
             continue
-        default = defaults.get(name, field.default)
-        about = field.help.replace("%", "%%") + f" (default: {'none' if default is None else default})"
-        if field.kind is bool:
-            group.add_argument(*flags, dest=field.dest, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=about)
-        elif field.kind is tuple:
-            group.add_argument(*flags, dest=field.dest, action=_TupleAction, nargs="+", default=argparse.SUPPRESS,
-                               help=about, metavar=METAVARS[str])
-        else:
-            metavar = "{" + ",".join(CHOICES[field.dest]) + "}" if field.dest in CHOICES else METAVARS[field.kind]
-            group.add_argument(*flags, dest=field.dest, type=_argument_type(field), default=argparse.SUPPRESS,
-                               help=about, metavar=metavar)
-    for name, value in defaults.items():
-        parser._dogbreeds_defaults.setdefault(section, {})[name] = value
+        _add_option(group, setting, defaults.get(name, setting.default))
+    if defaults:
+        parser._dogbreeds_defaults.setdefault(section, {}).update(defaults)
 
 
 def _command(commands, name: str, help: str, config_file: bool = False) -> _Parser:
@@ -229,9 +140,9 @@ def settings(args, section: str) -> dict:
     command line's (the class's defaults fill in the rest)."""
     values = dict(args._defaults.get(section, {}))
     values.update(getattr(args, "_file", {}).get(section, {}))
-    prefix = f"{section}."
     given = vars(args)
-    values.update({dest[len(prefix):]: value for dest, value in given.items() if dest.startswith(prefix)})
+    values.update({dest.removeprefix(f"{section}."): value for dest, value in given.items()
+                   if dest.startswith(f"{section}.")})
     values.update({name: given[dest] for name, dest in args._shared.get(section, {}).items() if dest in given})
     return values
 
@@ -239,24 +150,20 @@ def settings(args, section: str) -> dict:
 def _read_config_file(args) -> None:
     """`--config FILE.yaml` into `args._file`, each value checked as its option's would be."""
     args._file = {}
-    if not getattr(args, "config", None):
-        return
-    known = {section: dict(fields) for section, fields in args._fields.items()}
-    if args.command == "train":
-        known["train"]["hparams"] = None  # a Mapping: set in the file only
-    loaded = config.load_config_file(args.config, known)
-    for section, values in loaded.items():
-        for name, value in values.items():
-            field = known[section][name]
-            try:
-                values[name] = dict(value) if field is None else field.convert(value)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{args.config}: {section}.{name}: {error}") from None
-    args._file = loaded
+    if getattr(args, "config", None):
+        known = dict(args._fields)
+        if args.command == "train":
+            known["train"] = {**known["train"], "hparams": None}  # a Mapping: set in the file only
+        args._file = config.read_settings_file(args.config, known)
 
 
 # ---------------------------------------------------------------------------------------------
-# The parser.
+# The parser: one function per command.
+
+
+# Positional arguments several commands share.
+RUN_DIR_HELP = "a run directory (from train, search or pipeline)"
+BUNDLE_HELP = "a bundle directory (from `dogbreeds export`)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,126 +171,158 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dogbreeds", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"dogbreeds {dogbreeds.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    _command(commands, "models", "list the model registry")
-
-    data_parser = _command(commands, "data", "summarise a dataset: breeds, images, skipped files")
-    add_config_options(data_parser, "data", only=("data_dir", "tfds_dir", "image_size", "seed", "cache_dir",
-                                                  "validation_fraction", "test_fraction"),
-                       defaults={"image_size": 64})  # decoding at 64 px finds unreadable files fast
-    data_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    train_parser = _command(commands, "train", "train a model on Ray Train and evaluate it", config_file=True)
-    train_parser.add_argument("model", help="a registered model (see `dogbreeds models`)")
-    add_config_options(train_parser, "data")
-    add_config_options(train_parser, "train", skip=("model",))
-    train_parser.add_argument("--output", required=True, help="the run directory")
-    train_parser.add_argument("--resume", action="store_true", help="continue the run in --output")
-
-    export_parser = _command(commands, "export", "turn a run into a servable bundle")
-    export_parser.add_argument("run_dir", help="a run directory (from train, search or pipeline)")
-    export_parser.add_argument("--output", required=True, help="the bundle directory")
-    export_parser.add_argument("--name", help="the served model's name (default: the model's)")
-
-    search_parser = commands.add_parser("search", help="a hyperparameter search on Ray Tune")
-    searches = search_parser.add_subparsers(dest="search", required=True, parser_class=_Parser)
-    for kind, (space, about, model_from_file) in _search_kinds().items():
-        parser_ = _command(searches, kind, about, config_file=True)
-        parser_.add_argument("--space", default=space, help=f"a search-space file (default: {space}, "
-                             f"search_spaces/{space}.yaml)")
-        if not model_from_file:  # the backbone is the model; its features are computed once
-            parser_.add_argument("--backbone", dest="train.model", required=True,
-                                 help="a transfer model (see `dogbreeds models`), whose frozen features the heads train on")
-            add_config_options(parser_, "data", defaults={"augmented_views": 2})
-            add_config_options(parser_, "train", skip=("model", "workers", "max_failures"))
-            add_config_options(parser_, "search", skip=("space", "retrain_best"))
-            _add_feature_options(parser_)
-            parser_.add_argument("--features-dir", help="where features are cached (default: OUTPUT/features)")
-        else:
-            add_config_options(parser_, "data")
-            add_config_options(parser_, "train", skip=("model",))
-            add_config_options(parser_, "search", skip=("space",))
-        parser_.add_argument("--output", required=True, help="the search directory")
-        parser_.add_argument("--resume", action="store_true", help="continue the search in --output")
-
-    pipeline_parser = _command(
-        commands, "pipeline", "the study end to end: both searches, final models, bundle, report", config_file=True
-    )
-    pipeline_parser.add_argument("--profile", choices=["quick", "full"], default="quick",
-                                 help="quick: a laptop CPU in minutes; full: the study's settings. "
-                                 "An option given here overrides the profile's value in both searches")
-    add_config_options(pipeline_parser, "data")
-    add_config_options(pipeline_parser, "train", skip=("model",))
-    add_config_options(pipeline_parser, "search", skip=("space", "retrain_best"))  # it compares final models
-    _add_feature_options(pipeline_parser)
-    pipeline_parser.add_argument("--output", required=True, help="the run directory")
-    pipeline_parser.add_argument("--resume", action="store_true", help="continue the run in --output")
-
-    report_parser = _command(commands, "report", "render a run directory to report.html")
-    report_parser.add_argument("run_dir", help="a run directory (from train, search or pipeline)")
-    report_parser.add_argument("--output", help="the directory of report.html (default: RUN_DIR)")
-    report_parser.add_argument(
-        "--no-predictions", action="store_true", help="skip loading the model for sample predictions"
-    )
-
-    serve_parser = _command(commands, "serve", "serve a bundle on Ray Serve: JSON API and Gradio UI", config_file=True)
-    serve_parser.add_argument("bundle", help="a bundle directory (from `dogbreeds export`)")
-    serve_parser.add_argument("--host", default="127.0.0.1", help="listen here (default: 127.0.0.1; 0.0.0.0: everywhere)")
-    serve_parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    serve_parser.add_argument("--address", help="a running Ray cluster (default: start a local Ray)")
-    _add_haproxy_option(serve_parser)
-    add_config_options(serve_parser, "serve")
-    serve_parser.add_argument("--max-upload-mb", dest="serve.max_upload_bytes", type=_megabytes,
-                              default=argparse.SUPPRESS, help="--max-upload-bytes in MB (default: 10)")
-
-    bench_parser = commands.add_parser("bench", help="benchmarks that print JSON and write OUTPUT/bench_NAME.json")
-    benches = bench_parser.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    pipeline_bench = _command(benches, "pipeline", "input pipeline images/s against a bare decode-and-resize loop")
-    add_config_options(pipeline_bench, "data", only=("data_dir", "tfds_dir", "image_size", "seed", "cache_dir"),
-                       defaults={"image_size": 224})  # the transfer models' size
-    heads_bench = _command(benches, "heads", "head trials on cached features against end to end, in one run")
-    heads_bench.add_argument("--backbone", default="mobilenet_025", help="a transfer model (default: mobilenet_025)")
-    add_config_options(heads_bench, "data", defaults={"image_size": 128, "augmented_views": 2})  # a CPU's minutes
-    add_config_options(heads_bench, "train", only=("weights", "epochs"), defaults={"epochs": 5})
-    add_config_options(heads_bench, "search", only=("trials",))
-    serve_bench = _command(
-        benches, "serve", "Serve requests/s and latency, batched and unbatched, against bare model.predict"
-    )
-    serve_bench.add_argument("bundle", help="a bundle directory (from `dogbreeds export`)")
-    serve_bench.add_argument("--data-dir", required=True, help="a folder of photos to send (searched recursively)")
-    add_config_options(serve_bench, "serve", only=("num_replicas", "max_batch_size", "batch_wait_ms", "num_cpus_per_replica"))
-    _add_haproxy_option(serve_bench)
-    serve_bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients (default: 1 8 32)")
-    serve_bench.add_argument("--duration", type=float, default=10, help="seconds per measurement (default: 10)")
-    serve_bench.add_argument("--port", type=int, default=8000, help="Serve's HTTP port on 127.0.0.1")
-    attack_bench = _command(
-        benches, "attack", "hostile inputs against dogbreeds serve: statuses, probe latency, peak memory"
-    )
-    attack_bench.add_argument("bundle", help="a bundle directory (from `dogbreeds export`)")
-    attack_bench.add_argument("--port", type=int, default=8000, help="serve the bundle on this port of 127.0.0.1")
-    attack_bench.add_argument("--url", help="attack this running server (on 127.x.x.x) instead of starting one")
-    attack_bench.add_argument(
-        "--photo", default="../shared/data/stanford_dogs_sample/Images/n02085620-Chihuahua/"
-        "imagenet_sample_n02085620_Chihuahua.JPEG", help="the real photo sent after every attack",
-    )
-    attack_bench.add_argument("--cases", nargs="+", help="only the cases whose names contain one of these")
-    novelty_bench = _command(
-        benches, "novelty", "the not-a-dog verdicts of a bundle on its own dogs and on folders of other photos"
-    )
-    novelty_bench.add_argument("bundle", help="a bundle directory (from `dogbreeds export`)")
-    novelty_bench.add_argument("--not-dogs", nargs="+", default=[], help="folders of photos without dogs")
-    novelty_bench.add_argument("--other", nargs="+", default=[], help="other folders, measured the same way")
-    for bench in (pipeline_bench, heads_bench, serve_bench, attack_bench, novelty_bench):
-        bench.add_argument("--output", default=".", help="the directory of bench_NAME.json (default: .)")
+    for add_command in (_add_models, _add_data, _add_train, _add_export, _add_search, _add_pipeline,
+                        _add_report, _add_serve, _add_bench):
+        add_command(commands)
     return parser
 
 
-def _search_kinds() -> dict[str, tuple[str, str, bool]]:
-    """{kind: (default space, help, whether its space file names the model)} from search.py's
-    registry of searches."""
-    from dogbreeds import search
+def _add_models(commands) -> None:
+    _command(commands, "models", "list the model registry")
 
-    return {name: (kind.default_space, kind.description, kind.model_from_file) for name, kind in search.SEARCHES.items()}
+
+def _add_data(commands) -> None:
+    parser = _command(commands, "data", "summarise a dataset: breeds, images, skipped files")
+    add_config_options(parser, "data", only=("data_dir", "tfds_dir", "image_size", "seed", "cache_dir",
+                                             "validation_fraction", "test_fraction"),
+                       defaults={"image_size": 64})  # decoding at 64 px finds unreadable files fast
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_train(commands) -> None:
+    parser = _command(commands, "train", "train a model on Ray Train and evaluate it", config_file=True)
+    parser.add_argument("model", help="a registered model (see `dogbreeds models`)")
+    add_config_options(parser, "data")
+    add_config_options(parser, "train", skip=("model",))
+    _add_output_and_resume(parser, "run")
+
+
+def _add_export(commands) -> None:
+    parser = _command(commands, "export", "turn a run into a servable bundle")
+    parser.add_argument("run_dir", help=RUN_DIR_HELP)
+    parser.add_argument("--output", required=True, help="the bundle directory")
+    parser.add_argument("--name", help="the served model's name (default: the model's)")
+
+
+def _add_search(commands) -> None:
+    """`search KIND` for each kind in search.py's registry."""
+    from dogbreeds import search  # light at its top: no TensorFlow or Ray
+
+    search_parser = commands.add_parser("search", help="a hyperparameter search on Ray Tune")
+    searches = search_parser.add_subparsers(dest="search", required=True, parser_class=_Parser)
+    for name, kind in search.SEARCHES.items():
+        parser = _command(searches, name, kind.description, config_file=True)
+        parser.add_argument("--space", default=kind.default_space, help=f"a search-space file (default: "
+                            f"{kind.default_space}, search_spaces/{kind.default_space}.yaml)")
+        if kind.model_from_file:
+            add_config_options(parser, "data")
+            add_config_options(parser, "train", skip=("model",))
+            add_config_options(parser, "search", skip=("space",))
+        else:  # the backbone is the model; its features are computed once
+            parser.add_argument("--backbone", dest="train.model", required=True, help="a transfer model (see "
+                                "`dogbreeds models`), whose frozen features the heads train on")
+            add_config_options(parser, "data", defaults={"augmented_views": 2})
+            add_config_options(parser, "train", skip=("model", "workers", "max_failures"))
+            add_config_options(parser, "search", skip=("space", "retrain_best"))
+            _add_feature_options(parser)
+            parser.add_argument("--features-dir", help="where features are cached (default: OUTPUT/features)")
+        _add_output_and_resume(parser, "search")
+
+
+def _add_pipeline(commands) -> None:
+    parser = _command(
+        commands, "pipeline", "the study end to end: both searches, final models, bundle, report", config_file=True
+    )
+    parser.add_argument("--profile", choices=["quick", "full"], default="quick",
+                        help="quick: a laptop CPU in minutes; full: the study's settings. "
+                        "An option given here overrides the profile's value in both searches")
+    add_config_options(parser, "data")
+    add_config_options(parser, "train", skip=("model",))
+    add_config_options(parser, "search", skip=("space", "retrain_best"))  # it compares final models
+    _add_feature_options(parser)
+    _add_output_and_resume(parser, "run")
+
+
+def _add_report(commands) -> None:
+    parser = _command(commands, "report", "render a run directory to report.html")
+    parser.add_argument("run_dir", help=RUN_DIR_HELP)
+    parser.add_argument("--output", help="the directory of report.html (default: RUN_DIR)")
+    parser.add_argument("--no-predictions", action="store_true", help="skip loading the model for sample predictions")
+
+
+def _add_serve(commands) -> None:
+    parser = _command(commands, "serve", "serve a bundle on Ray Serve: JSON API and Gradio UI", config_file=True)
+    parser.add_argument("bundle", help=BUNDLE_HELP)
+    parser.add_argument("--host", default="127.0.0.1", help="listen here (default: 127.0.0.1; 0.0.0.0: everywhere)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    parser.add_argument("--address", help="a running Ray cluster (default: start a local Ray)")
+    _add_haproxy_option(parser)
+    add_config_options(parser, "serve")
+    parser.add_argument("--max-upload-mb", dest="serve.max_upload_bytes", type=_megabytes,
+                        default=argparse.SUPPRESS, help="--max-upload-bytes in MB (default: 10)")
+
+
+def _add_bench(commands) -> None:
+    """`bench NAME` for each benchmark, each writing OUTPUT/bench_NAME.json."""
+    bench_parser = commands.add_parser("bench", help="benchmarks that print JSON and write OUTPUT/bench_NAME.json")
+    benches = bench_parser.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    for add_bench in (_add_bench_pipeline, _add_bench_heads, _add_bench_serve, _add_bench_attack, _add_bench_novelty):
+        add_bench(benches).add_argument("--output", default=".", help="the directory of bench_NAME.json (default: .)")
+
+
+def _add_bench_pipeline(benches) -> _Parser:
+    parser = _command(benches, "pipeline", "input pipeline images/s against a bare decode-and-resize loop")
+    add_config_options(parser, "data", only=("data_dir", "tfds_dir", "image_size", "seed", "cache_dir"),
+                       defaults={"image_size": 224})  # the transfer models' size
+    return parser
+
+
+def _add_bench_heads(benches) -> _Parser:
+    parser = _command(benches, "heads", "head trials on cached features against end to end, in one run")
+    parser.add_argument("--backbone", default="mobilenet_025", help="a transfer model (default: mobilenet_025)")
+    add_config_options(parser, "data", defaults={"image_size": 128, "augmented_views": 2})  # a CPU's minutes
+    add_config_options(parser, "train", only=("weights", "epochs"), defaults={"epochs": 5})
+    add_config_options(parser, "search", only=("trials",))
+    return parser
+
+
+def _add_bench_serve(benches) -> _Parser:
+    parser = _command(benches, "serve",
+                      "Serve requests/s and latency, batched and unbatched, against bare model.predict")
+    parser.add_argument("bundle", help=BUNDLE_HELP)
+    parser.add_argument("--data-dir", required=True, help="a folder of photos to send (searched recursively)")
+    add_config_options(parser, "serve",
+                       only=("num_replicas", "max_batch_size", "batch_wait_ms", "num_cpus_per_replica"))
+    _add_haproxy_option(parser)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="clients (default: 1 8 32)")
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measurement (default: 10)")
+    parser.add_argument("--port", type=int, default=8000, help="Serve's HTTP port on 127.0.0.1")
+    return parser
+
+
+def _add_bench_attack(benches) -> _Parser:
+    parser = _command(benches, "attack", "hostile inputs against dogbreeds serve: statuses, probe latency, peak memory")
+    parser.add_argument("bundle", help=BUNDLE_HELP)
+    parser.add_argument("--port", type=int, default=8000, help="serve the bundle on this port of 127.0.0.1")
+    parser.add_argument("--url", help="attack this running server (on 127.x.x.x) instead of starting one")
+    parser.add_argument("--photo", default="../shared/data/stanford_dogs_sample/Images/n02085620-Chihuahua/"
+                        "imagenet_sample_n02085620_Chihuahua.JPEG", help="the real photo sent after every attack")
+    parser.add_argument("--cases", nargs="+", help="only the cases whose names contain one of these")
+    return parser
+
+
+def _add_bench_novelty(benches) -> _Parser:
+    parser = _command(benches, "novelty",
+                      "the not-a-dog verdicts of a bundle on its own dogs and on folders of other photos")
+    parser.add_argument("bundle", help=BUNDLE_HELP)
+    parser.add_argument("--not-dogs", nargs="+", default=[], help="folders of photos without dogs")
+    parser.add_argument("--other", nargs="+", default=[], help="other folders, measured the same way")
+    return parser
+
+
+def _add_output_and_resume(parser, what: str) -> None:
+    parser.add_argument("--output", required=True, help=f"the {what} directory")
+    parser.add_argument("--resume", action="store_true", help=f"continue the {what} in --output")
 
 
 def _add_feature_options(parser) -> None:
@@ -424,8 +363,9 @@ def _train_config(args, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings(args, "train"), **overrides})
 
 
-def _search_config(args):
-    return _search_config_class()(space=args.space, **settings(args, "search"))
+def _search_config(args, space: str | None = None):
+    """`space` stands in for --space where a command has none (bench heads reads only the trials)."""
+    return config.section_class("search")(space=args.space if space is None else space, **settings(args, "search"))
 
 
 def check_inputs(data_config: DataConfig, model: str | None = None, weights=None) -> None:
@@ -462,7 +402,11 @@ def command_data(args) -> None:
     summary = data.summarize(index)
     if args.json:
         print(json.dumps(summary, indent=1))
-        return
+    else:
+        _print_data_summary(summary)
+
+
+def _print_data_summary(summary: dict) -> None:
     print(f"source: {summary['source']} ({summary['split']})")
     print(f"{summary['num_classes']} breeds, {summary['num_images']} images: "
           + ", ".join(f"{name} {count}" for name, count in summary["splits"].items()))
@@ -590,49 +534,70 @@ def _write_bench(args, result: dict) -> None:
     print(f"wrote {path}")
 
 
-def command_bench(args) -> None:
-    if args.bench in ("serve", "attack"):
-        _check_bundle(args.bundle)  # before Ray (and its import)
+def _bench_pipeline(args) -> dict:
     from dogbreeds import bench
 
-    if args.bench == "serve":
-        from dogbreeds import serve
+    data_config = _data_config(args)
+    check_inputs(data_config)
+    return bench.bench_pipeline(data_config, data_config.image_size)
 
-        if not os.path.isdir(args.data_dir):
-            raise ValueError(f"--data-dir not found: {args.data_dir}")
-        serve_args = serve.parse_serve_args(bundle=args.bundle, **settings(args, "serve"))  # bad options fail before Ray
-        result = bench.bench_serve(
-            args.bundle, args.data_dir, tuple(args.concurrency), args.duration, serve_args.max_batch_size,
-            serve_args.batch_wait_ms, serve_args.num_replicas, args.port, args.haproxy,
-            serve_args.num_cpus_per_replica,
-        )
-    elif args.bench == "attack":
-        if not os.path.isfile(args.photo):
-            raise ValueError(f"--photo not found: {args.photo}")
 
-        def progress(case):
-            log.info(f"{case['name']}: {case['status']} in {case['seconds']} s, "
-                     f"{'ok' if case['acceptable'] else 'NOT ACCEPTABLE'}; probe {case['probe_status']} in "
-                     f"{case['probe_seconds']} s")
+def _bench_heads(args) -> dict:
+    from dogbreeds import bench
 
-        result = bench.bench_attack(args.bundle, args.photo, args.port, args.url, args.cases, progress)
-    elif args.bench == "novelty":
-        from dogbreeds import novelty
+    data_config, train_config = _data_config(args), _train_config(args, model=args.backbone)
+    check_inputs(data_config, args.backbone, train_config.weights)
+    return bench.bench_heads(
+        data_config, args.backbone, train_config.weights, data_config.image_size,
+        data_config.augmented_views, _search_config(args, space="").trials, train_config.epochs,
+    )
 
-        result = {"benchmark": "novelty", **novelty.measure_rates(args.bundle, args.not_dogs, args.other)}
-    elif args.bench == "heads":
-        data_config, train_config = _data_config(args), _train_config(args, model=args.backbone)
-        check_inputs(data_config, args.backbone, train_config.weights)
-        result = bench.bench_heads(
-            data_config, args.backbone, train_config.weights, data_config.image_size,
-            data_config.augmented_views, _search_config_class()(space="", **settings(args, "search")).trials,
-            train_config.epochs,
-        )
-    else:
-        data_config = _data_config(args)
-        check_inputs(data_config)
-        result = bench.bench_pipeline(data_config, data_config.image_size)
-    _write_bench(args, result)
+
+def _bench_serve(args) -> dict:
+    _check_bundle(args.bundle)  # before Ray (and its import)
+    if not os.path.isdir(args.data_dir):
+        raise ValueError(f"--data-dir not found: {args.data_dir}")
+    from dogbreeds import bench, serve
+
+    serve_args = serve.parse_serve_args(bundle=args.bundle, **settings(args, "serve"))  # bad options fail before Ray
+    return bench.bench_serve(
+        args.bundle, args.data_dir, tuple(args.concurrency), args.duration, serve_args.max_batch_size,
+        serve_args.batch_wait_ms, serve_args.num_replicas, args.port, args.haproxy,
+        serve_args.num_cpus_per_replica,
+    )
+
+
+def _bench_attack(args) -> dict:
+    _check_bundle(args.bundle)  # before Ray (and its import)
+    if not os.path.isfile(args.photo):
+        raise ValueError(f"--photo not found: {args.photo}")
+    from dogbreeds import bench
+
+    def progress(case):
+        log.info(f"{case['name']}: {case['status']} in {case['seconds']} s, "
+                 f"{'ok' if case['acceptable'] else 'NOT ACCEPTABLE'}; probe {case['probe_status']} in "
+                 f"{case['probe_seconds']} s")
+
+    return bench.bench_attack(args.bundle, args.photo, args.port, args.url, args.cases, progress)
+
+
+def _bench_novelty(args) -> dict:
+    from dogbreeds import novelty
+
+    return {"benchmark": "novelty", **novelty.measure_rates(args.bundle, args.not_dogs, args.other)}
+
+
+BENCHES = {
+    "pipeline": _bench_pipeline,
+    "heads": _bench_heads,
+    "serve": _bench_serve,
+    "attack": _bench_attack,
+    "novelty": _bench_novelty,
+}
+
+
+def command_bench(args) -> None:
+    _write_bench(args, BENCHES[args.bench](args))
 
 
 COMMANDS = {
@@ -799,24 +764,28 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(verbose)
     noise_filter = _NoiseFilter() if argv is None and not verbose else None
     try:
-        _read_config_file(args)
-        COMMANDS[args.command](args)
-        status, message = 0, None
-    except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler ends in sys.exit
-        _stop_ray()
-        status = 130
-        message = "interrupted" + ("; `--resume` continues it" if args.command in RESUMABLE else "")
-    except Exception as error:  # noqa: BLE001 - every error is one line (--verbose: a traceback)
-        if verbose:
-            log.exception("the error's traceback:")
-        text = " ".join(str(error).split()) or type(error).__name__
-        status, message = 1, f"error: {text}"
+        status, message = _run_command(args, verbose)
     finally:
         if noise_filter is not None:
             noise_filter.close()
     if message:
         print(f"{_name(args)}: {message}", file=sys.stderr, flush=True)
     return status
+
+
+def _run_command(args, verbose: bool) -> tuple[int, str | None]:
+    """Run the command: its exit status, and the one line to print about it (None: nothing)."""
+    try:
+        _read_config_file(args)
+        COMMANDS[args.command](args)
+        return 0, None
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler ends in sys.exit
+        _stop_ray()
+        return 130, "interrupted" + ("; `--resume` continues it" if args.command in RESUMABLE else "")
+    except Exception as error:  # noqa: BLE001 - every error is one line (--verbose: a traceback)
+        if verbose:
+            log.exception("the error's traceback:")
+        return 1, "error: " + (" ".join(str(error).split()) or type(error).__name__)
 
 
 if __name__ == "__main__":

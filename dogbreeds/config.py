@@ -5,9 +5,12 @@ keeps it too, so every number can be traced to what produced it.
 
 `DataConfig` and `TrainConfig` (frozen dataclasses) say what a run does; `ServeArgs` (a frozen
 pydantic model: `serve deploy` validates a config file's `args` with it) says how a bundle is
-served. The comment above each field is its reason, and also its `--help` (`dogbreeds.cli`
-derives every option from these classes), so a default and its reason are written once.
-`load_config_file` reads `--config FILE.yaml`.
+served. The comment above each field is its reason, and also its `--help`, so a default and
+its reason are written once.
+
+Every field a user can set is a `Setting` (`settable_fields`: its type, default, reason and
+checks), from which `dogbreeds.cli` derives its options and `read_settings_file` reads
+`--config FILE.yaml`; a value is checked the same way from either.
 
 Light on purpose (pydantic, no TensorFlow or Ray): the CLI imports it to build its options.
 """
@@ -20,7 +23,9 @@ import inspect
 import json
 import os
 import textwrap
-from typing import Any, Mapping, Optional
+import types
+import typing
+from typing import Any, Mapping, NamedTuple, Optional
 
 import pydantic
 
@@ -184,6 +189,116 @@ def to_dict(config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+# ---------------------------------------------------------------------------------------------
+# The fields a user sets: on the command line (dogbreeds.cli) or in `--config FILE.yaml`.
+
+
+def _search_config_class() -> type:
+    from dogbreeds.search import SearchConfig  # it lives with the search; search.py imports this module
+
+    return SearchConfig
+
+
+# The configuration classes, by their section name in `--config FILE.yaml`.
+SECTIONS = {"data": lambda: DataConfig, "train": lambda: TrainConfig,
+            "search": _search_config_class, "serve": lambda: ServeArgs}
+
+# The values a string field accepts, where its class states them in its comment only.
+CHOICES = {"search.algorithm": ("random", "tpe"), "search.scheduler": ("asha", "none")}
+
+# Counts where 0 or less means nothing: refused when read, before anything starts.
+POSITIVE = {"train.epochs", "train.workers", "train.per_worker_batch_size", "train.cpus_per_worker",
+            "search.trials", "search.concurrent_trials"}
+
+
+def section_class(section: str) -> type:
+    """The configuration class of a section (`data`, `train`, `search`, `serve`)."""
+    return SECTIONS[section]()
+
+
+class Setting(NamedTuple):
+    """A field a user can set: its type, default, and reason (the comment above it)."""
+
+    section: str
+    name: str
+    kind: type  # int, float, str, bool, or tuple (of str)
+    optional: bool
+    default: Any
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    def convert(self, value):
+        """A value from the command line (a string) or a config file, as this field's type and
+        checked; a bad one is a ValueError."""
+        if self.optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None
+        value = self._typed(value)
+        self._check(value)
+        return value
+
+    def _typed(self, value):
+        if self.kind is tuple:
+            return tuple(str(item) for item in (value if isinstance(value, (list, tuple)) else [value]))
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError(f"expected true or false, got {value!r}")
+        if isinstance(value, bool) or (self.kind is not str and isinstance(value, (list, dict))):
+            raise ValueError(f"expected {self.kind.__name__}, got {value!r}")
+        if self.kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"expected int, got {value!r}")
+            value = int(value)
+        return self.kind(value)
+
+    def _check(self, value) -> None:
+        if self.name == "image_size":
+            from dogbreeds import models
+
+            models.check_image_size(value)
+        if self.dest in POSITIVE and value <= 0:
+            raise ValueError(f"must be at least 1, got {value}")
+        if self.dest in CHOICES and value not in CHOICES[self.dest]:
+            raise ValueError(f"choose from {', '.join(CHOICES[self.dest])}, got {value!r}")
+
+
+def _kind(annotation) -> tuple[type | None, bool]:
+    """(int/float/str/bool/tuple, optional) of a field's annotation; None: not settable."""
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        optional = len(members) < len(typing.get_args(annotation))
+        if len(members) != 1:
+            return None, optional
+        annotation = members[0]
+    if typing.get_origin(annotation) is tuple:
+        return tuple, optional
+    return (annotation if annotation in (int, float, str, bool) else None), optional
+
+
+def settable_fields(section: str) -> dict[str, Setting]:
+    """The fields of a section's class that are settings, in their order. Mappings
+    (TrainConfig.hparams, a config file's only) and required fields are left out."""
+    cls = section_class(section)
+    comments = field_comments(cls)
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        items = [(field.name, hints[field.name], field.default) for field in dataclasses.fields(cls)]
+    else:
+        items = [(name, info.annotation, dataclasses.MISSING if info.is_required() else info.default)
+                 for name, info in cls.model_fields.items()]
+    settings = {}
+    for name, annotation, default in items:
+        kind, optional = _kind(annotation)
+        if kind is None or default is dataclasses.MISSING:
+            continue
+        settings[name] = Setting(section, name, kind, optional, default, comments.get(name, ""))
+    return settings
+
+
 def field_comments(cls: type) -> dict[str, str]:
     """Each field of a configuration class and the comment above it in the source, in one
     line: the field's reason, which the CLI shows as its help."""
@@ -228,3 +343,18 @@ def load_config_file(path: str, sections: Mapping[str, Any]) -> dict[str, dict[s
                 raise ValueError(f"{path}: unknown key {section}.{key}; known: {sorted(sections[section])}")
         resolved[section] = dict(values)
     return resolved
+
+
+def read_settings_file(path: str, settings: Mapping[str, Mapping[str, Setting | None]]) -> dict[str, dict[str, Any]]:
+    """`--config FILE.yaml` as {section: {field: value}}, each value converted and checked as
+    its option's would be. `settings` are each section's known fields (None: a mapping taken as
+    it is, TrainConfig.hparams). Any problem is a one-line ValueError naming the file and key."""
+    loaded = load_config_file(path, settings)
+    for section, values in loaded.items():
+        for name, value in values.items():
+            setting = settings[section][name]
+            try:
+                values[name] = dict(value) if setting is None else setting.convert(value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path}: {section}.{name}: {error}") from None
+    return loaded

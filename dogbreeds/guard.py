@@ -166,7 +166,7 @@ class Guard:
                            "or open /?token=TOKEN in a browser")
 
     async def _read_body(self, scope, receive):
-        """The whole body, bounded in size and time, replayed to the app as one message."""
+        """The whole body, bounded in size, time and files, replayed to the app as one message."""
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return receive
         upload = route(scope) in UPLOAD_PATHS
@@ -176,6 +176,14 @@ class Guard:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
+        body = await self._receive_bounded(receive, limit, too_large)
+        if upload and count_parts(body, headers.get("content-type", "")) > self.limits.max_files_per_request:
+            raise Refused(413, f"more than {self.limits.max_files_per_request} files in one request")
+        return _replay(body, receive)
+
+    async def _receive_bounded(self, receive, limit: int, too_large: Refused) -> bytes:
+        """The body's chunks joined: `too_large` past `limit` bytes, 408 past `body_timeout_s`,
+        400 if the client leaves."""
         chunks, size, deadline = [], 0, time.monotonic() + self.limits.body_timeout_s
         while True:
             try:
@@ -190,20 +198,22 @@ class Guard:
                 raise too_large
             chunks.append(chunk)
             if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if upload and count_parts(body, headers.get("content-type", "")) > self.limits.max_files_per_request:
-            raise Refused(413, f"more than {self.limits.max_files_per_request} files in one request")
-        replayed = False
+                return b"".join(chunks)
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: the client's disconnect
 
-        return replay
+def _replay(body: bytes, receive):
+    """A `receive` for the app: the whole `body` as one message, then the client's own
+    messages (its disconnect)."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class _SetCookie(Refused):

@@ -36,7 +36,7 @@ import pydantic
 from ray import serve
 
 from dogbreeds.config import ServeArgs
-from dogbreeds.data import IMAGE_EXTENSIONS  # data.py loads TensorFlow only when it decodes
+from dogbreeds.data import photo_files  # data.py loads TensorFlow only when it decodes
 
 # What Pillow identifies and TensorFlow's decoder reads (MPO is a camera's multi-picture JPEG).
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
@@ -58,6 +58,10 @@ def parse_serve_args(**values) -> ServeArgs:
             f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in error.errors()
         )
         raise ValueError(problems) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier: photos checked from their header, then prepared and predicted in batches.
 
 
 class ImageError(ValueError):
@@ -180,6 +184,10 @@ class Classifier:
         return list(zip(probabilities, scores))
 
 
+# ---------------------------------------------------------------------------------------------
+# The HTTP API: FastAPI routes around the classifier, errors as `{"detail": reason}`.
+
+
 class Breed(pydantic.BaseModel):
     """One breed and its probability."""
 
@@ -298,18 +306,28 @@ def read_api_token(args: ServeArgs) -> Optional[str]:
 def build_http_app(classifier, info: dict, args: ServeArgs):
     """The ingress's FastAPI app: the JSON API, then the Gradio UI mounted at `/`, all behind
     the guard (`dogbreeds.guard`: hosts, token, body and time limits, requests per client)."""
+    from dogbreeds import guard
+
+    token = read_api_token(args)
+    app = _api_app(info)
+    _add_predict_route(app, classifier, args, len(info["class_names"]))
+    _add_description_routes(app, classifier, info, args, token)
+    app = _mount_ui(app, classifier, info, args)  # after the API: the UI's `/` takes every other path
+    limits = guard.Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(guard.Limits)})
+    app.add_middleware(guard.Guard, limits=limits, token=token)
+    return app
+
+
+def _api_app(info: dict):
+    """A FastAPI app named after the bundle, whose every error is `{"detail": "<one string>"}`."""
     import fastapi
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from dogbreeds import guard
-
-    token = read_api_token(args)
-    num_classes = len(info["class_names"])
     app = fastapi.FastAPI(
         title="dogbreeds",
         version=info["version"],
-        description=f"Dog breeds of photos: {info['name']} ({num_classes} breeds). "
+        description=f"Dog breeds of photos: {info['name']} ({len(info['class_names'])} breeds). "
         "The Gradio UI is at /.",
     )
 
@@ -323,6 +341,13 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
         reasons = "; ".join(f"{'.'.join(map(str, e['loc'][1:] or e['loc']))}: {e['msg']}" for e in error.errors())
         return JSONResponse({"detail": reasons}, status_code=422)
 
+    return app
+
+
+def _add_predict_route(app, classifier, args: ServeArgs, num_classes: int) -> None:
+    """`POST /predict`: a photo's top k breeds, from the classifier."""
+    import fastapi
+
     @app.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra={"requestBody": _UPLOAD_BODY})
     async def predict(
         request: fastapi.Request,
@@ -331,6 +356,11 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
         """The top k breeds of a photo: a multipart upload (`file`) or the raw image bytes."""
         encoded = await read_upload(request, args.max_upload_bytes)
         return await classifier.classify.remote(encoded, k)
+
+
+def _add_description_routes(app, classifier, info: dict, args: ServeArgs, token: Optional[str]) -> None:
+    """`GET /healthz`, `/labels` and `/model`: whether the service answers, and what it serves."""
+    num_classes = len(info["class_names"])
 
     @app.get("/healthz")
     async def healthz():
@@ -353,6 +383,13 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
         serving |= {"tensorflow_threads": info["tensorflow_threads"], "api_token": token is not None}
         return public_values(described | {"serving": serving})
 
+
+# ---------------------------------------------------------------------------------------------
+# The Gradio UI: a client of the classifier like any other.
+
+
+def _mount_ui(app, classifier, info: dict, args: ServeArgs):
+    """`app` with the Gradio UI (`build_ui`) mounted at `/`."""
     import gradio
 
     ui = build_ui(classifier, info, args)
@@ -365,8 +402,6 @@ def build_http_app(classifier, info: dict, args: ServeArgs):
     # Gradio checks that a file named in an API call was uploaded only once its app counts as
     # launched, which mounting never marks: without this, any server file could be read.
     ui.has_launched = True
-    limits = guard.Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(guard.Limits)})
-    app.add_middleware(guard.Guard, limits=limits, token=token)
     return app
 
 
@@ -374,14 +409,11 @@ def find_examples(folder: str, count: int = 6) -> list[str]:
     """Up to `count` photos of `folder` for the UI, one per sub-folder first."""
     if not os.path.isdir(folder):
         raise ValueError(f"examples folder not found: {folder}")
-    by_folder = []
-    for root, directories, files in sorted(os.walk(folder)):
-        directories.sort()
-        photos = sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-        if photos:
-            by_folder.append([os.path.join(root, photo) for photo in photos])
-    chosen = [photos[0] for photos in by_folder[:count]]
-    rest = [photo for photos in by_folder for photo in photos if photo not in chosen]
+    by_folder: dict[str, list[str]] = {}
+    for photo in photo_files(folder):
+        by_folder.setdefault(os.path.dirname(photo), []).append(photo)
+    chosen = [photos[0] for _, photos in sorted(by_folder.items())[:count]]
+    rest = [photo for _, photos in sorted(by_folder.items()) for photo in photos if photo not in chosen]
     return chosen + rest[: count - len(chosen)]
 
 
@@ -438,6 +470,10 @@ def build_ui(classifier, info: dict, args: ServeArgs):
     return ui
 
 
+# ---------------------------------------------------------------------------------------------
+# The application: the ingress and the typed builder that binds both deployments.
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress:
@@ -489,6 +525,10 @@ def build_app(args: ServeArgs) -> serve.Application:
         num_replicas=1, max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests, ray_actor_options={"num_cpus": 0},
     ).bind(classifier, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting Serve: `dogbreeds serve`.
 
 
 # Ray Serve's high-throughput mode (Ray 2.55+): HAProxy (ray[serve] installs it) in place of

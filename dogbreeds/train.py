@@ -325,14 +325,30 @@ def run_training(
     run's metrics (also in `metrics.json`).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
 
-    models.get_model_spec(train_config.model)  # an unknown model fails before Ray starts
+    _check_before_ray(train_config)
+    data_config, train_config = absolute_paths(data_config, train_config)
+    run_dir = _start_run_dir(data_config, train_config, run_dir, resume)
+    if not ray.is_initialized():
+        ray.init()
+    trainer = _build_trainer(data_config, train_config, run_dir, callbacks, evaluate_test)
+    result = _fit_trainer(trainer)
+    with result.checkpoint.as_directory() as directory:
+        runs.copy_run_files(directory, run_dir)
+    return runs.read_json(os.path.join(run_dir, runs.METRICS))
+
+
+def _check_before_ray(train_config: TrainConfig) -> None:
+    """An unknown model, a bad hyperparameter or a missing weights file fails before Ray starts."""
+    models.get_model_spec(train_config.model)
     models.resolve_hparams(train_config.model, train_config.hparams)
     if train_config.weights not in (None, "imagenet") and not os.path.isfile(train_config.weights):
         raise ValueError(f"weights file not found: {train_config.weights}")
-    data_config, train_config = absolute_paths(data_config, train_config)
+
+
+def _start_run_dir(data_config: DataConfig, train_config: TrainConfig, run_dir: str, resume: bool) -> str:
+    """The run directory (absolute), with the run's `config.json`; one that holds a run
+    already is an error unless `resume`."""
     run_dir = os.path.abspath(run_dir)
     if os.path.exists(os.path.join(run_dir, runs.RAY, runs.RAY_TRAIN)) and not resume:
         raise ValueError(f"{run_dir} holds a run already: resume it, or choose another output")
@@ -341,12 +357,20 @@ def run_training(
         os.path.join(run_dir, runs.CONFIG),
         {"data": to_dict(data_config), "train": to_dict(train_config), "versions": versions()},
     )
-    if not ray.is_initialized():
-        ray.init()
+    return run_dir
+
+
+def _build_trainer(data_config: DataConfig, train_config: TrainConfig, run_dir: str,
+                   callbacks: list | None, evaluate_test: bool):
+    """The `TensorflowTrainer`: `train_config.workers` workers of `train_loop_per_worker`,
+    checkpoints and restarts under `run_dir/ray/`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
     resources = {"CPU": train_config.cpus_per_worker}
     if train_config.gpus_per_worker:
         resources["GPU"] = train_config.gpus_per_worker
-    trainer = TensorflowTrainer(
+    return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={
             "data": to_dict(data_config),
@@ -367,17 +391,18 @@ def run_training(
             callbacks=callbacks,
         ),
     )
+
+
+def _fit_trainer(trainer):
+    """`trainer.fit()`, with this process's SIGINT handler as it was before."""
     # Ray Train leaves a SIGINT handler holding its controller actor: keep it alive (and its
     # resources reserved) no longer than the run, or later runs in this process wait forever.
     sigint_handler = signal.getsignal(signal.SIGINT)
     try:
-        result = trainer.fit()
+        return trainer.fit()
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint_handler)
-    with result.checkpoint.as_directory() as directory:
-        runs.copy_run_files(directory, run_dir)
-    return runs.read_json(os.path.join(run_dir, runs.METRICS))
 
 
 def versions() -> dict:

@@ -35,11 +35,37 @@ README_SETUP = 'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" &
 SESSION_RAY_CPUS = 4
 
 
+# Ports handed out by this process come from below Linux's ephemeral range (32768-60999, where
+# the kernel picks the local port of every outgoing connection, so a port free now may be taken
+# a second later) and above Ray's default worker ports (10002-19999, the session's Ray), and
+# never twice.
+_PORTS = range(20000, 32768)
+_handed_out = set()
+
+
+def _bindable(port) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_range(size=1) -> tuple:
+    """`size` consecutive ports nothing listens on, none handed out before: (first, last)."""
+    for _ in range(500):
+        first = random.randrange(_PORTS.start, _PORTS.stop - size)
+        ports = range(first, first + size)
+        if not _handed_out.intersection(ports) and all(_bindable(port) for port in ports):
+            _handed_out.update(ports)
+            return first, first + size - 1
+    raise RuntimeError(f"no {size} free ports in {_PORTS}")
+
+
 def free_port() -> int:
     """A port nothing listens on now (other Ray clusters and servers run on this machine too)."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+    return free_port_range()[0]
 
 
 @pytest.fixture(scope="session")
@@ -66,24 +92,9 @@ def ray_cluster():
 # Ray clusters of their own: `ray start` nodes on this machine, as on a real cluster.
 
 
-def _free_port_range(size=40):
-    """A range of free ports for a node's workers (Ray's default range is shared with the
-    other clusters on this machine)."""
-    for _ in range(200):
-        first = random.randrange(20000, 60000 - size)
-        try:
-            for port in range(first, first + size):
-                with socket.socket() as probe:
-                    probe.bind(("", port))
-        except OSError:
-            continue
-        return first, first + size - 1
-    raise RuntimeError("no free port range")
-
-
 def _node_ports():
     """Every port a node listens on, free ones: other Ray clusters run on this machine too."""
-    first, last = _free_port_range()
+    first, last = free_port_range(40)
     options = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
     return [*(x for option in options for x in (option, str(free_port()))),
@@ -116,8 +127,6 @@ class LocalCluster:
 
         self.log_dir, self.workers, self.num_cpus = str(log_dir), workers, num_cpus
         self.address = ray.util.get_node_ip_address()  # the machine's own: no traffic leaves it
-        self.port, self.dashboard_port = free_port(), free_port()
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = cluster_environment(**(env or {}))
         self.nodes, self.temp_dirs = {}, []
 
@@ -137,14 +146,29 @@ class LocalCluster:
         with open(os.path.join(self.log_dir, f"{role}.log")) as handle:
             return handle.read()[-3000:]
 
+    def _start_head(self, deadline):
+        """The head, up to three times with fresh ports: a port found free may be taken by
+        another process before Ray binds it, and then `ray start` exits at once."""
+        for attempt in range(3):
+            self.port, self.dashboard_port = free_port(), free_port()
+            self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+            self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "true",
+                                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                                 "--ray-client-server-port", str(free_port())])
+            while time.time() < deadline and not self.state("nodes", quiet=True):
+                if self.nodes["head"].poll() is not None:
+                    break
+                time.sleep(1)
+            else:
+                return
+            failed = self.log("head")
+            self.kill("head")
+            os.replace(os.path.join(self.log_dir, "head.log"), os.path.join(self.log_dir, f"head-attempt{attempt}.log"))
+        raise AssertionError(f"the head exited three times; the last time:\n{failed}")
+
     def start(self, timeout=120):
-        self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "true",
-                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-                             "--ray-client-server-port", str(free_port())])
         deadline = time.time() + timeout
-        while time.time() < deadline and not self.state("nodes", quiet=True):
-            assert self.nodes["head"].poll() is None, f"the head exited:\n{self.log('head')}"
-            time.sleep(1)
+        self._start_head(deadline)
         for number in range(self.workers):
             self._start("worker" if number == 0 else f"worker{number}", ["--address", f"{self.address}:{self.port}"])
         while time.time() < deadline and len(self.alive_nodes()) < 1 + self.workers:

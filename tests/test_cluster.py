@@ -213,26 +213,14 @@ def _assert_every_trial_done_once(output, trials):
 
 
 @pytest.mark.slow
-def test_a_search_job_spreads_its_trials_over_both_nodes(cluster, shared_dirs, tmp_path):
-    # A relative --output lands on the storage the job's environment names.
-    job = _submit(cluster, _search_command("search", shared_dirs, trials=4, epochs=3),
-                  runtime_env={"env_vars": {"DOGBREEDS_STORAGE": str(tmp_path)}})
-    returncode, log = _finish(job, timeout=420)
-    assert returncode == 0 and "succeeded" in log, log[-3000:]
-    output = str(tmp_path / "search")
-    _assert_every_trial_done_once(output, 4)
-    nodes = _trial_nodes(cluster, output)
-    used = {node for trial_nodes in nodes.values() for node in trial_nodes}
-    print("trials per node:", {node[:8]: sum(node in n for n in nodes.values()) for node in used})
-    assert None not in used and used == set(cluster.node_ids), f"trials ran on {used}, nodes {cluster.node_ids}"
-
-
-@pytest.mark.slow
 def test_a_killed_search_driver_resumes_without_redoing_finished_trials(cluster, shared_dirs, tmp_path):
+    """A search job spreads its trials over both nodes, its relative --output on the storage
+    its environment names; its driver is killed, and `--resume` finishes it."""
     output = str(tmp_path / "search")
     slow_trials = ["--scheduler", "none", "--batch-size", "1"]
-    command = _search_command(output, shared_dirs, trials=4, epochs=6, extra=slow_trials)
-    job = _submit(cluster, command)
+    command = _search_command("search", shared_dirs, trials=4, epochs=6, extra=slow_trials)
+    storage = {"env_vars": {"DOGBREEDS_STORAGE": str(tmp_path)}}
+    job = _submit(cluster, command, runtime_env=storage)
     try:
         # Once a trial has finished and another still runs, SIGKILL the job's driver.
         deadline, finished = time.time() + 420, set()
@@ -252,9 +240,13 @@ def test_a_killed_search_driver_resumes_without_redoing_finished_trials(cluster,
             job.communicate()
     assert returncode != 0  # the job failed with its driver
     reported = collections.Counter(r["trial_id"] for r in _tune_results(output))
-    returncode, log = _finish(_submit(cluster, command + ["--resume"]), timeout=420)
+    returncode, log = _finish(_submit(cluster, command + ["--resume"], runtime_env=storage), timeout=420)
     assert returncode == 0 and "succeeded" in log, log[-3000:]
     _assert_every_trial_done_once(output, 4)
+    nodes = _trial_nodes(cluster, output)
+    used = {node for trial_nodes in nodes.values() for node in trial_nodes}
+    print("trials per node:", {node[:8]: sum(node in n for n in nodes.values()) for node in used})
+    assert None not in used and used == set(cluster.node_ids), f"trials ran on {used}, nodes {cluster.node_ids}"
     assert finished <= {row["trial_id"] for row in _rows(output)}  # the same search, continued
     after = collections.Counter(r["trial_id"] for r in _tune_results(output))
     assert all(after[trial] == reported[trial] for trial in finished), (reported, after)  # not run again

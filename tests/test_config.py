@@ -52,6 +52,32 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_key(tmp_path, text, m
         config.load_config_file(str(tmp_path / "missing.yaml"), _sections())
 
 
+def test_settings_file_values_are_converted_and_checked_as_options_are(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  image_size: 32.0\n  data_dir: none\ntrain:\n  epochs: 2\n  hparams: {filters_1: 8}\n")
+    settings = {"data": config.settable_fields("data"), "train": {**config.settable_fields("train"), "hparams": None}}
+    assert config.read_settings_file(str(path), settings) == {"data": {"image_size": 32, "data_dir": None},
+                                                               "train": {"epochs": 2, "hparams": {"filters_1": 8}}}
+    for text, message in [("train:\n  epochs: 0\n", "run.yaml: train.epochs: must be at least 1, got 0"),
+                          ("train:\n  epochs: 2.5\n", "run.yaml: train.epochs: expected int, got 2.5"),
+                          ("data:\n  horizontal_flip: maybe\n", "run.yaml: data.horizontal_flip: expected true"),
+                          ("data:\n  image_size: 4\n", "run.yaml: data.image_size: image size must be"),
+                          ("train:\n  hparams: 3\n", "run.yaml: train.hparams:")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+            config.read_settings_file(str(path), settings)
+
+
+def test_settable_fields_leave_out_mappings_and_required_fields():
+    assert "hparams" not in config.settable_fields("train") and "bundle" not in config.settable_fields("serve")
+    assert "space" not in config.settable_fields("search")
+    setting = config.settable_fields("search")["algorithm"]
+    assert setting.default == "random" and setting.help.startswith('"random" (Tune')
+    with pytest.raises(ValueError, match="choose from random, tpe"):
+        setting.convert("grid")
+    assert config.settable_fields("serve")["allowed_hosts"].convert(["a", "b"]) == ("a", "b")
+
+
 def test_serve_args_live_in_config_and_keep_their_checks():
     args = ServeArgs(bundle="b")
     assert args.max_batch_size == 32 and args.allowed_hosts == ("127.0.0.1", "localhost", "::1")

@@ -566,9 +566,9 @@ def test_serve_deploy_of_the_cluster_config_on_a_ray_started_head(bundle_dir, tm
     bin_dir = os.path.dirname(sys.executable)
     # One head node of two CPUs, in its own temp dir: no other ray.init on this machine finds it.
     head = LocalCluster(tmp_path, workers=0, num_cpus=2)
-    env = {**head.env, "RAY_DASHBOARD_ADDRESS": head.dashboard}
     try:
         head.start()
+        env = {**head.env, "RAY_DASHBOARD_ADDRESS": head.dashboard}
         result = subprocess.run(f"{bin_dir}/{deploy}", shell=True, env=env, capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stdout + result.stderr
 

@@ -174,66 +174,101 @@ def _raw(head: str, body: bytes = b"") -> dict:
 # The cases.
 
 
-def _predict_cases(photo: bytes, num_classes: int, max_upload_bytes: int, gif_frames: int) -> list[HostileInput]:
-    from PIL import Image
+# Files that are no photo, whatever they claim to be.
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><circle r="40"/></svg>'
+SVG_WITH_EXTERNAL_ENTITY = (b'<?xml version="1.0"?><!DOCTYPE svg [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+                            b'<svg xmlns="http://www.w3.org/2000/svg"><text>&x;</text></svg>')
+HTML = b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)><script>alert(2)</script></body></html>"
+PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+       b"2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
 
-    rgb = Image.open(io.BytesIO(photo)).convert("RGB")
-    png = _encode(rgb, "PNG")
-    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"><circle r="40"/></svg>'
-    svg_xxe = (b'<?xml version="1.0"?><!DOCTYPE svg [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-               b'<svg xmlns="http://www.w3.org/2000/svg"><text>&x;</text></svg>')
-    html = b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)><script>alert(2)</script></body></html>"
-    pdf = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
-           b"2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
-    frames = [rgb.rotate(90), rgb.rotate(180)]
-    animated_webp = _encode(rgb, "WEBP", save_all=True, append_images=frames, duration=100)
-    jar = zip_archive({"META-INF/MANIFEST.MF": b"Manifest-Version: 1.0\n", "Evil.class": b"\xca\xfe\xba\xbe" + bytes(64)})
-    gif = _encode(rgb.resize((256, 256)), "GIF")
+
+def _raw_photo(content: bytes, content_type: str = "image/jpeg", **params) -> dict:
+    """`content` as the body of `POST /predict`, with the query `params`."""
+    return http_request(PREDICT, content, content_type, params=params)
+
+
+def _as_file(content: bytes, filename: str = "photo.jpg") -> dict:
+    """`content` as the `file` of a multipart `POST /predict`."""
+    return upload_request([("file", filename, content)])
+
+
+# Each family of /predict cases: (name, request, acceptable statuses, detail_string) rows.
+
+
+def _size_cases(photo: bytes, max_upload_bytes: int) -> list[tuple]:
+    """No bytes (400), and one byte over the upload limit (413)."""
     over_limit = photo + b"\0" * (max_upload_bytes + 1 - len(photo))
+    return [
+        ("zero_bytes", _raw_photo(b""), {400}, True),
+        ("zero_byte_file", _as_file(b""), {400}, True),
+        ("over_the_size_limit_raw", _raw_photo(over_limit), {413}, True),
+        ("over_the_size_limit_multipart", _as_file(over_limit), {413}, True),
+    ]
 
-    def raw_photo(content, content_type="image/jpeg", **params):
-        return http_request(PREDICT, content, content_type, params=params)
 
-    def as_file(content, filename="photo.jpg"):
-        return upload_request([("file", filename, content)])
+def _not_a_photo_cases(photo: bytes, rgb) -> list[tuple]:
+    """What is no photo of a supported format, under its own name or claiming to be one (415)."""
+    return [
+        ("random_bytes", _raw_photo(secrets.token_bytes(5000), "application/octet-stream"), {415}, True),
+        ("text", _as_file(b"a dog, I promise\n" * 20, "notes.txt"), {415}, True),
+        ("svg", _as_file(SVG, "dog.svg"), {415}, True),
+        ("svg_with_external_entity", _as_file(SVG_WITH_EXTERNAL_ENTITY, "dog.svg"), {415}, True),
+        ("html", _as_file(HTML, "dog.html"), {415}, True),
+        ("pdf", _as_file(PDF, "dog.pdf"), {415}, True),
+        ("tiff", _as_file(_encode(rgb, "TIFF"), "dog.tiff"), {415}, True),
+        ("html_sent_as_image_jpeg", _raw_photo(HTML, "image/jpeg"), {415}, True),
+        ("pdf_sent_as_image_png", _raw_photo(PDF, "image/png"), {415}, True),
+        ("svg_sent_as_image_png", _raw_photo(SVG, "image/png"), {415}, True),
+        ("photo_sent_as_application_json", _raw_photo(photo, "application/json"), {415}, True),
+    ]
 
-    cases = [
-        # (name, request, acceptable, detail_string)
-        ("zero_bytes", raw_photo(b""), {400}, True),
-        ("zero_byte_file", as_file(b""), {400}, True),
-        ("over_the_size_limit_raw", raw_photo(over_limit), {413}, True),
-        ("over_the_size_limit_multipart", as_file(over_limit), {413}, True),
-        ("random_bytes", raw_photo(secrets.token_bytes(5000), "application/octet-stream"), {415}, True),
-        ("text", as_file(b"a dog, I promise\n" * 20, "notes.txt"), {415}, True),
-        ("svg", as_file(svg, "dog.svg"), {415}, True),
-        ("svg_with_external_entity", as_file(svg_xxe, "dog.svg"), {415}, True),
-        ("html", as_file(html, "dog.html"), {415}, True),
-        ("pdf", as_file(pdf, "dog.pdf"), {415}, True),
-        ("tiff", as_file(_encode(rgb, "TIFF"), "dog.tiff"), {415}, True),
-        ("html_sent_as_image_jpeg", raw_photo(html, "image/jpeg"), {415}, True),
-        ("pdf_sent_as_image_png", raw_photo(pdf, "image/png"), {415}, True),
-        ("svg_sent_as_image_png", raw_photo(svg, "image/png"), {415}, True),
-        ("photo_sent_as_application_json", raw_photo(photo, "application/json"), {415}, True),
-        ("truncated_jpeg", as_file(photo[: len(photo) // 2]), {422}, True),
-        ("truncated_png", as_file(png[: len(png) // 2], "photo.png"), {422}, True),
-        ("jpeg_header_only", as_file(photo[:600]), {422}, True),
-        ("corrupt_jpeg_huffman_tables", as_file(corrupt_jpeg(photo)), {422}, True),
-        ("corrupt_png_data", as_file(corrupt_png(png), "photo.png"), {422}, True),
-        ("png_decompression_bomb_20000x20000", as_file(png_of_zeros(20000, 20000), "bomb.png"), {422}, True),
-        ("png_999999x1", as_file(png_of_zeros(999_999, 1), "strip.png"), {422}, True),
-        ("png_1x999999", as_file(png_of_zeros(1, 999_999), "strip.png"), {422}, True),
-        ("jpeg_claiming_65000x65000", as_file(jpeg_claiming_size(photo, 65000, 65000)), {422}, True),
-        ("jpeg_with_zip_appended", as_file(photo + zip_archive({"a.txt": b"zip"})), PHOTO_OR_4XX, False),
-        ("jpeg_with_html_appended", as_file(photo + html), PHOTO_OR_4XX, False),
-        ("gifar", as_file(gif + jar, "dog.gif"), PHOTO_OR_4XX, False),
-        ("animated_webp", as_file(animated_webp, "dog.webp"), {200}, False),
-        ("k_abc", raw_photo(photo, k="abc"), {422}, True),
-        ("k_minus_one", raw_photo(photo, k="-1"), {422}, True),
-        ("k_zero", raw_photo(photo, k="0"), {422}, True),
-        ("k_1e9", raw_photo(photo, k="1e9"), {422}, True),
-        ("k_121", raw_photo(photo, k="121"), {422}, True),
-        ("k_empty", raw_photo(photo, k=""), {422}, True),
-        ("k_past_the_breeds", raw_photo(photo, k=str(num_classes + 1)), {422}, True),
+
+def _broken_photo_cases(photo: bytes, png: bytes) -> list[tuple]:
+    """Truncated and corrupt photos, whose header reads but whose pixels do not (422)."""
+    return [
+        ("truncated_jpeg", _as_file(photo[: len(photo) // 2]), {422}, True),
+        ("truncated_png", _as_file(png[: len(png) // 2], "photo.png"), {422}, True),
+        ("jpeg_header_only", _as_file(photo[:600]), {422}, True),
+        ("corrupt_jpeg_huffman_tables", _as_file(corrupt_jpeg(photo)), {422}, True),
+        ("corrupt_png_data", _as_file(corrupt_png(png), "photo.png"), {422}, True),
+    ]
+
+
+def _bomb_cases(photo: bytes) -> list[tuple]:
+    """Decompression bombs and extreme shapes, refused from their header (422)."""
+    return [
+        ("png_decompression_bomb_20000x20000", _as_file(png_of_zeros(20000, 20000), "bomb.png"), {422}, True),
+        ("png_999999x1", _as_file(png_of_zeros(999_999, 1), "strip.png"), {422}, True),
+        ("png_1x999999", _as_file(png_of_zeros(1, 999_999), "strip.png"), {422}, True),
+        ("jpeg_claiming_65000x65000", _as_file(jpeg_claiming_size(photo, 65000, 65000)), {422}, True),
+    ]
+
+
+def _polyglot_cases(photo: bytes, rgb) -> list[tuple]:
+    """A photo that is also something else (read it or refuse it), and an animated WebP (read)."""
+    jar = zip_archive({"META-INF/MANIFEST.MF": b"Manifest-Version: 1.0\n",
+                       "Evil.class": b"\xca\xfe\xba\xbe" + bytes(64)})
+    gif = _encode(rgb.resize((256, 256)), "GIF")
+    animated_webp = _encode(rgb, "WEBP", save_all=True, append_images=[rgb.rotate(90), rgb.rotate(180)], duration=100)
+    return [
+        ("jpeg_with_zip_appended", _as_file(photo + zip_archive({"a.txt": b"zip"})), PHOTO_OR_4XX, False),
+        ("jpeg_with_html_appended", _as_file(photo + HTML), PHOTO_OR_4XX, False),
+        ("gifar", _as_file(gif + jar, "dog.gif"), PHOTO_OR_4XX, False),
+        ("animated_webp", _as_file(animated_webp, "dog.webp"), {200}, False),
+    ]
+
+
+def _bad_k_cases(photo: bytes, num_classes: int) -> list[tuple]:
+    """A `k` that is no number of breeds this model has (422)."""
+    values = {"abc": "abc", "minus_one": "-1", "zero": "0", "1e9": "1e9", "121": "121", "empty": "",
+              "past_the_breeds": str(num_classes + 1)}
+    return [(f"k_{name}", _raw_photo(photo, k=value), {422}, True) for name, value in values.items()]
+
+
+def _multipart_cases(photo: bytes) -> list[tuple]:
+    """Forms of many files or fields, or malformed: answered or refused, never a 5xx."""
+    return [
         ("thousand_files",
          upload_request([("file", "photo.jpg", photo)] + [(f"f{i}", f"{i}.jpg", b"x") for i in range(1000)]),
          PHOTO_OR_4XX, False),
@@ -241,17 +276,35 @@ def _predict_cases(photo: bytes, num_classes: int, max_upload_bytes: int, gif_fr
          upload_request([("file", "photo.jpg", photo)] + [(f"f{i}", None, b"v") for i in range(10**4)]),
          PHOTO_OR_4XX, False),
         ("multipart_without_its_end", http_request(PREDICT, multipart([("file", "photo.jpg", photo)])[0][:-40],
-                                            multipart([])[1]), ANY_4XX, False),
+                                                   multipart([])[1]), ANY_4XX, False),
         ("multipart_without_boundary", http_request(PREDICT, photo, "multipart/form-data"), ANY_4XX, False),
-        ("filename_path_traversal", as_file(photo, "../../../../../../etc/passwd"), PHOTO_OR_4XX, False),
-        ("filename_windows_traversal", as_file(photo, "..\\..\\..\\windows\\win.ini"), PHOTO_OR_4XX, False),
-        ("filename_unicode", as_file(photo, "pies_\U0001F415_żółw_名前_\u202egpj.exe"), PHOTO_OR_4XX, False),
-        ("filename_nul_byte", as_file(photo, "dog.jpg\x00.php"), PHOTO_OR_4XX, False),
-        ("filename_10000_characters", as_file(photo, "a" * 10_000 + ".jpg"), PHOTO_OR_4XX, False),
-        # Last of /predict: today every frame is decoded (~10 GB, a minute).
-        (f"animated_gif_{gif_frames}_frames_of_4000x4000", as_file(animated_gif_bomb(gif_frames), "bomb.gif"),
-         {200, 422}, False),
     ]
+
+
+def _file_name_cases(photo: bytes) -> list[tuple]:
+    """A real photo under a hostile file name: path traversal, unicode, a NUL byte, 10,000 characters."""
+    names = {
+        "path_traversal": "../../../../../../etc/passwd",
+        "windows_traversal": "..\\..\\..\\windows\\win.ini",
+        "unicode": "pies_\U0001F415_żółw_名前_\u202egpj.exe",
+        "nul_byte": "dog.jpg\x00.php",
+        "10000_characters": "a" * 10_000 + ".jpg",
+    }
+    return [(f"filename_{name}", _as_file(photo, filename), PHOTO_OR_4XX, False) for name, filename in names.items()]
+
+
+def _predict_cases(photo: bytes, num_classes: int, max_upload_bytes: int, gif_frames: int) -> list[HostileInput]:
+    """Every /predict case, family by family; the animated GIF bomb last."""
+    from PIL import Image
+
+    rgb = Image.open(io.BytesIO(photo)).convert("RGB")
+    png = _encode(rgb, "PNG")
+    cases = (_size_cases(photo, max_upload_bytes) + _not_a_photo_cases(photo, rgb) + _broken_photo_cases(photo, png)
+             + _bomb_cases(photo) + _polyglot_cases(photo, rgb) + _bad_k_cases(photo, num_classes)
+             + _multipart_cases(photo) + _file_name_cases(photo))
+    # Last of /predict: today every frame is decoded (~10 GB, a minute).
+    cases.append((f"animated_gif_{gif_frames}_frames_of_4000x4000",
+                  _as_file(animated_gif_bomb(gif_frames), "bomb.gif"), {200, 422}, False))
     return [HostileInput(name, "predict", request, frozenset(acceptable), detail)
             for name, request, acceptable, detail in cases]
 

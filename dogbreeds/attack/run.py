@@ -133,9 +133,7 @@ def run_attack(url: str, bundle_dir: str, photo_path: str, *, server_pid: Option
     `MemorySampler` (only for a server the caller started)."""
     import httpx
 
-    parts = urlsplit(url)
-    if not parts.hostname or not parts.hostname.startswith("127."):
-        raise ValueError(f"the attack only goes to loopback addresses (127.x.x.x): {url}")
+    parts = _loopback_address(url)
     with open(photo_path, "rb") as handle:
         photo = handle.read()
     bundle_dir = os.path.abspath(bundle_dir)
@@ -146,11 +144,8 @@ def run_attack(url: str, bundle_dir: str, photo_path: str, *, server_pid: Option
     started = time.perf_counter()
     try:
         canaries = write_canaries(canary_dir, token)
-        labels = httpx.get(f"{url}/labels", timeout=probe_timeout_s)
-        if labels.status_code != 200:
-            raise ValueError(f"no dogbreeds service at {url}: GET /labels answered {labels.status_code}")
         cases = hostile_inputs(
-            photo, bundle_dir, canaries, token, parts.hostname, labels.json()["num_classes"], max_upload_bytes,
+            photo, bundle_dir, canaries, token, parts.hostname, _num_classes(url, probe_timeout_s), max_upload_bytes,
             gif_frames, huge_body_bytes, slow_clients, request_timeout_s + SLOW_GRACE_S, flood_requests,
             per_client_limit)
         cases = [case for case in cases if not names or any(name in case.name for name in names)]
@@ -168,6 +163,25 @@ def run_attack(url: str, bundle_dir: str, photo_path: str, *, server_pid: Option
         sampler.stop()
         shutil.rmtree(canary_dir, ignore_errors=True)
     return summarize(url, bundle_dir, records, leaks, not_run, sampler, probe_bound_s, time.perf_counter() - started)
+
+
+def _loopback_address(url: str):
+    """`url` split (`urllib.parse.urlsplit`); a ValueError unless its host is a loopback address."""
+    parts = urlsplit(url)
+    if not parts.hostname or not parts.hostname.startswith("127."):
+        raise ValueError(f"the attack only goes to loopback addresses (127.x.x.x): {url}")
+    return parts
+
+
+def _num_classes(url: str, timeout_s: float) -> int:
+    """How many breeds the service at `url` knows (`GET /labels`); a ValueError if it is no
+    dogbreeds service."""
+    import httpx
+
+    labels = httpx.get(f"{url}/labels", timeout=timeout_s)
+    if labels.status_code != 200:
+        raise ValueError(f"no dogbreeds service at {url}: GET /labels answered {labels.status_code}")
+    return labels.json()["num_classes"]
 
 
 def summarize(url: str, bundle_dir: str, records: list[dict], leaks: list[dict], not_run: list[str],
