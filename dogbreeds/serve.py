@@ -412,8 +412,9 @@ def find_examples(folder: str, count: int = 6) -> list[str]:
     by_folder: dict[str, list[str]] = {}
     for photo in photo_files(folder):
         by_folder.setdefault(os.path.dirname(photo), []).append(photo)
-    chosen = [photos[0] for _, photos in sorted(by_folder.items())[:count]]
-    rest = [photo for _, photos in sorted(by_folder.items()) for photo in photos if photo not in chosen]
+    folders = [photos for _, photos in sorted(by_folder.items())]
+    chosen = [photos[0] for photos in folders[:count]]
+    rest = [photo for photos in folders for photo in photos if photo not in chosen]
     return chosen + rest[: count - len(chosen)]
 
 

@@ -155,12 +155,12 @@ class LocalCluster:
             self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "true",
                                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                                  "--ray-client-server-port", str(free_port())])
-            while time.time() < deadline and not self.state("nodes", quiet=True):
-                if self.nodes["head"].poll() is not None:
-                    break
+            while time.time() < deadline and self.nodes["head"].poll() is None:
+                if self.state("nodes", quiet=True):
+                    return
                 time.sleep(1)
-            else:
-                return
+            if self.nodes["head"].poll() is None:
+                return  # still starting at the deadline: start() reports that the cluster did not form
             failed = self.log("head")
             self.kill("head")
             os.replace(os.path.join(self.log_dir, "head.log"), os.path.join(self.log_dir, f"head-attempt{attempt}.log"))
