@@ -2,7 +2,7 @@
 
     dogbreeds models
     dogbreeds data --data-dir ../shared/data/tiny_dogs_64
-    dogbreeds train cnn3v2 --data-dir ../shared/data/tiny_dogs_64 --image-size 64 --epochs 5 \
+    dogbreeds train cnn3v2 --data-dir ../shared/data/tiny_dogs_64 --image-size 64 --epochs 8 \
         --workers 2 --output runs/cnn3v2
     dogbreeds report runs/cnn3v2
     dogbreeds bench pipeline --data-dir ../shared/data/stanford_dogs_sample --output runs

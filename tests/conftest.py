@@ -1,7 +1,7 @@
 """Shared fixtures: the real stand-in data in ../shared, one local Ray for the whole session,
 one harness for the tests that start Ray clusters of their own with `ray start`, and the
-session's trained runs (cnn3v2 from scratch; mobilenet_025 and its bundle), each trained once
-for every module that needs it."""
+session's runs: the README's own (cnn3v2 from scratch, mobilenet_025 and its bundle, both
+searches), each run once for every module that checks it."""
 
 import json
 import os
@@ -249,34 +249,12 @@ def tiny_bundle_dir(tmp_path) -> pathlib.Path:
     return tmp_path / "bundle"
 
 
-# The hyperparameters of the session's cnn3v2 run, which tests/test_report.py uses as one trial
-# of a search (its second trial differs in both).
-CNN3V2_RUN_OPTIONS = ["--learning-rate", "0.001", "--batch-size", "32"]
-
-
-def train_cnn3v2(output, cache_dir, *options) -> pathlib.Path:
-    """`dogbreeds train cnn3v2` on tiny_dogs_64 for 2 epochs at 32 x 32 on one worker: a real
-    run, with curves, test metrics and confusions, in seconds."""
-    from dogbreeds import cli
-
-    argv = ["train", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32", "--epochs", "2",
-            "--workers", "1", "--output", str(output), "--cache-dir", cache_dir, *options]
-    assert cli.main(argv) == 0
-    return pathlib.Path(output)
-
-
-@pytest.fixture(scope="session")
-def cnn3v2_run_dir(ray_cluster, cache_dir, tmp_path_factory) -> pathlib.Path:
-    """One `train_cnn3v2` run for the session (the report renders it, novelty exports it);
-    tests may add files to it but change none."""
-    return train_cnn3v2(tmp_path_factory.mktemp("cnn3v2"), cache_dir, *CNN3V2_RUN_OPTIONS)
-
-
-def readme_commands() -> list[str]:
-    """Every `.venv/bin/dogbreeds` command in the README's bash blocks, in order, without that
+def readme_commands(blocks="bash") -> list[str]:
+    """Every `.venv/bin/dogbreeds` command in the README's bash blocks (or `sh` ones: the
+    serving commands, which run until Ctrl-C or need a run first), in order, without that
     prefix (and without the quick start's set-up)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+    for block in re.findall(rf"```{blocks}\n(.*?)```", README.read_text(), re.S):
         for line in block.strip().splitlines():
             line = line.removeprefix(README_SETUP)
             if line.startswith(".venv/bin/dogbreeds "):
@@ -306,16 +284,21 @@ def readme_runs(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("readme") / "runs"
 
 
-def _readme_run(prefix: str, runs: pathlib.Path) -> pathlib.Path:
+def _readme_run(prefix: str, runs: pathlib.Path, blocks="bash") -> pathlib.Path:
     """Run the README's one command that starts with `prefix`, as written; its output folder."""
-    (command,) = [command for command in readme_commands() if command.startswith(prefix)]
+    (command,) = [command for command in readme_commands(blocks) if command.startswith(prefix)]
     run_readme_command(command, runs)
     return runs / re.search(r"--output runs/(\S+)", command).group(1)
 
 
 # README commands whose runs other tests check too: each runs once for the session, by the
 # fixture named here, whichever test asks first (tests/test_readme.py asks for it by name).
-README_RUN_FIXTURES = {"train mobilenet_025 ": "mobilenet_run_dir", "search cnn3v2 ": "readme_search_cnn3v2_dir"}
+README_RUN_FIXTURES = {
+    "train mobilenet_025 ": "mobilenet_run_dir",
+    "train cnn3v2 ": "cnn3v2_run_dir",
+    "search cnn3v2 ": "readme_search_cnn3v2_dir",
+    "search head ": "readme_search_head_dir",
+}
 
 
 @pytest.fixture(scope="session")
@@ -327,6 +310,14 @@ def mobilenet_run_dir(ray_cluster, readme_runs) -> str:
 
 
 @pytest.fixture(scope="session")
+def cnn3v2_run_dir(ray_cluster, readme_runs) -> pathlib.Path:
+    """The README's `dogbreeds train cnn3v2 ... --output runs/cnn3v2` (8 epochs at 64 px on two
+    workers): tests/test_train.py checks it, the report renders it, novelty exports it; tests
+    may add files to it but change none."""
+    return _readme_run("train cnn3v2 ", readme_runs)
+
+
+@pytest.fixture(scope="session")
 def readme_search_cnn3v2_dir(ray_cluster, readme_runs) -> pathlib.Path:
     """The README's `dogbreeds search cnn3v2 ... --output runs/search_cnn3v2` (2 trials of 2
     epochs at 32 px): tests/test_search.py checks what it wrote."""
@@ -334,10 +325,14 @@ def readme_search_cnn3v2_dir(ray_cluster, readme_runs) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def mobilenet_bundle_dir(mobilenet_run_dir, tmp_path_factory) -> str:
-    """`mobilenet_run_dir` exported as a bundle (read-only for the tests that share it)."""
-    from dogbreeds import cli
+def readme_search_head_dir(ray_cluster, readme_runs) -> pathlib.Path:
+    """The README's `dogbreeds search head ... --output runs/search_head` (4 trials on the
+    features of one view at 96 px): tests/test_search.py checks it and reuses its features."""
+    return _readme_run("search head ", readme_runs)
 
-    bundle = tmp_path_factory.mktemp("mobilenet_bundle") / "bundle"
-    assert cli.main(["export", mobilenet_run_dir, "--output", str(bundle)]) == 0
-    return str(bundle)
+
+@pytest.fixture(scope="session")
+def mobilenet_bundle_dir(mobilenet_run_dir, readme_runs) -> str:
+    """The README's `dogbreeds export runs/mobilenet --output runs/bundle`: the bundle the
+    serving, attack and novelty tests serve (read-only for them)."""
+    return str(_readme_run("export runs/mobilenet ", readme_runs, blocks="sh"))

@@ -331,6 +331,14 @@ def test_tensorflows_start_up_noise_is_silenced_unless_verbose(tmp_path):
     assert verbose.returncode == 0 and any(n in verbose.stderr for n in NOISE)  # there is noise to silence
 
 
+def _name(process) -> str:
+    """A process's name, or "" once it has ended (Ray's short-lived helpers come and go)."""
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
 @pytest.mark.slow
 def test_ctrl_c_ends_a_training_run_cleanly(tmp_path, cache_dir):
     output = tmp_path / "run"
@@ -342,7 +350,7 @@ def test_ctrl_c_ends_a_training_run_cleanly(tmp_path, cache_dir):
     try:
         deadline, raylets = time.time() + 240, []
         while time.time() < deadline and driver.poll() is None:
-            raylets = [p for p in psutil.Process(driver.pid).children(recursive=True) if p.name() == "raylet"]
+            raylets = [p for p in psutil.Process(driver.pid).children(recursive=True) if _name(p) == "raylet"]
             if raylets and list((output / "ray" / "train").glob("checkpoint_*")):
                 break  # Ray is up and the run has started
             time.sleep(0.5)

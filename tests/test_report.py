@@ -1,6 +1,6 @@
-"""The report of real runs: a training run made here by `dogbreeds train` on the real
-tiny_dogs_64 photos, and a search and a pipeline assembled from the files of two real training
-runs (with different hyperparameters), rendered and opened in a real headless Chromium."""
+"""The report of real runs: the README's `dogbreeds train cnn3v2` run on the real tiny_dogs_64
+photos, and a search and a pipeline assembled from the files of two real training runs (with
+different hyperparameters), rendered and opened in a real headless Chromium."""
 
 import csv
 import json
@@ -9,26 +9,23 @@ import shutil
 import pytest
 
 from dogbreeds import cli, report
-from tests.conftest import ARTIFACTS, train_cnn3v2
+from tests.conftest import ARTIFACTS
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-# Two real trials of a search: the session's cnn3v2 run (tests/conftest.py) and a second run
-# whose learning rate and batch size differ.
-SECOND_RUN_OPTIONS = ["--learning-rate", "0.003", "--batch-size", "64"]
-
-
 @pytest.fixture(scope="module")
 def training_run(cnn3v2_run_dir):
-    """A real layout-(A) run: `dogbreeds train cnn3v2` for 2 epochs at 32 x 32."""
+    """A real layout-(A) run: the README's `dogbreeds train cnn3v2` (8 epochs at 64 x 64)."""
     return cnn3v2_run_dir
 
 
 @pytest.fixture(scope="module")
-def second_run(ray_cluster, cache_dir, tmp_path_factory):
-    return train_cnn3v2(tmp_path_factory.mktemp("run_b"), cache_dir, *SECOND_RUN_OPTIONS)
+def second_run(readme_search_cnn3v2_dir):
+    """A second real cnn3v2 run, whose learning rate (and filters) differ: the final run of the
+    README's `search cnn3v2` (tests/conftest.py)."""
+    return readme_search_cnn3v2_dir / "final"
 
 
 def _percent(value):

@@ -296,18 +296,26 @@ def _head_argv(output, features_dir, cache_dir, trials, epochs="6"):
     ]
 
 
+@pytest.fixture(scope="module")
+def head_features(readme_search_head_dir):
+    """The features the README's head search computed (96 px, 1 view), which the searches here
+    reuse."""
+    return readme_search_head_dir / "features"
+
+
 @pytest.mark.slow
-def test_head_search_of_two_trials(ray_cluster, cache_dir, tmp_path):
-    assert cli.main(_head_argv(tmp_path / "run", tmp_path / "features", cache_dir, 2)) == 0
-    rows = _rows(tmp_path / "run")
-    assert len(rows) == 2
-    best = json.loads((tmp_path / "run" / "best.json").read_text())
-    final = json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())
+def test_head_search(ray_cluster, readme_search_head_dir, head_features, cache_dir, tmp_path):
+    # The README's `search head`, run once for the session.
+    output = readme_search_head_dir
+    rows = _rows(output)
+    assert len(rows) == json.loads((output / "search.json").read_text())["search"]["trials"] == 4
+    best = json.loads((output / "best.json").read_text())
+    final = json.loads((output / "final" / "metrics.json").read_text())
     # The joined model (photo in, breed out) agrees with the head trained on features.
     assert abs(final["validation"]["top1"] - best["val_accuracy"]) < 0.02
     assert final["test"]["top1"] > 0.35  # chance is 1/6
     # A second search over the same data reuses the features.
-    assert cli.main(_head_argv(tmp_path / "again", tmp_path / "features", cache_dir, 1)) == 0
+    assert cli.main(_head_argv(tmp_path / "again", head_features, cache_dir, 1)) == 0
     again = json.loads((tmp_path / "again" / "best.json").read_text())
     assert again["features"]["cached"] is True and best["features"]["cached"] is False
 
@@ -325,10 +333,10 @@ def _finished_in_tune_state(output):
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, tmp_path):
+def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head_features, tmp_path):
     """The search's driver is killed (with the local Ray it started); --resume finishes it."""
-    output, features = tmp_path / "run", tmp_path / "features"
-    argv = [sys.executable, "-m", "dogbreeds.cli", *_head_argv(output, features, cache_dir, 5, epochs="12")]
+    output = tmp_path / "run"
+    argv = [sys.executable, "-m", "dogbreeds.cli", *_head_argv(output, head_features, cache_dir, 4, epochs="12")]
     driver = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and len(_finished_in_tune_state(output)) < 2 and driver.poll() is None:
@@ -341,7 +349,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, tmp_
     resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = _rows(output)
-    assert len(rows) == 5 and len({row["trial_id"] for row in rows}) == 5
+    assert len(rows) == 4 and len({row["trial_id"] for row in rows}) == 4
     assert all(row["status"] == "done" for row in rows)
     for trial_id, mtime in before.items():  # finished trials were not run again
         assert (output / "trials" / trial_id / "head.weights.h5").stat().st_mtime_ns == mtime

@@ -119,13 +119,9 @@ def test_examples_are_one_photo_per_folder_first():
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(ray_cluster, mobilenet_run_dir, tmp_path_factory):
-    """The README's mobilenet_025 run (tests/conftest.py), exported by the README's command."""
-    runs = tmp_path_factory.mktemp("serve") / "runs"
-    export = _readme_command(".venv/bin/dogbreeds export ").removeprefix(".venv/bin/dogbreeds ")
-    argv = [mobilenet_run_dir if arg == "runs/mobilenet" else arg.replace("runs/", f"{runs}/") for arg in shlex.split(export)]
-    assert cli.main(argv) == 0
-    return str(runs / "bundle")
+def bundle_dir(ray_cluster, mobilenet_bundle_dir):
+    """The README's mobilenet_025 run exported by the README's command (tests/conftest.py)."""
+    return mobilenet_bundle_dir
 
 
 @pytest.fixture(scope="module")
@@ -488,14 +484,33 @@ def test_dogbreeds_serve_command_prints_its_url_and_answers_the_readme_curl(bund
 
 @pytest.fixture(scope="module")
 def guarded_server(bundle_dir, tmp_path_factory):
-    """`dogbreeds serve` with an API token file and a 3-second life for UI uploads."""
+    """`dogbreeds serve` with an API token file and a 3-second life for UI uploads; and three
+    TensorFlow threads on the classifier's one reserved CPU, which it warns about at start-up.
+    Its console (stdout and stderr) goes to `log`."""
     folder = tmp_path_factory.mktemp("guarded")
     token = "t0ken-" + os.urandom(16).hex()
     (folder / "api_token").write_text(token + "\n")
     argv = [bundle_dir, "--port", str(free_port()), "--api-token-file", str(folder / "api_token"),
-            "--upload-cache-max-age-s", "3"]
+            "--upload-cache-max-age-s", "3", "--tensorflow-threads", "3", "--cpus-per-replica", "1"]
     with _dogbreeds_serve(argv, folder / "serve.log") as url:
-        yield {"url": url, "token": token}
+        yield {"url": url, "token": token, "log": folder / "serve.log"}
+
+
+@pytest.mark.slow
+def test_replica_warnings_reach_the_console_and_requests_do_not(guarded_server):
+    """`dogbreeds serve` shows what its replicas report (warnings, errors), not a line per
+    request."""
+    for _ in range(3):
+        with urllib.request.urlopen(f"{guarded_server['url']}/healthz", timeout=30) as answer:
+            assert answer.status == 200
+    def warnings():  # Ray forwards a replica's lines to the console within a second or so
+        return [line for line in guarded_server["log"].read_text().splitlines()
+                if "tensorflow_threads 3 > the replica's 1 CPUs" in line]
+
+    (warning, *_) = _wait_for(warnings, 60, "the classifier's warning on the console")
+    assert "Classifier" in warning
+    time.sleep(2)  # what the requests would log has reached the console by now
+    assert "GET /healthz" not in guarded_server["log"].read_text()
 
 
 @pytest.mark.slow

