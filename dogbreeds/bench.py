@@ -455,7 +455,7 @@ def start_serve_process(bundle_dir: str, port: int, log_path: str, options: tupl
         if process.poll() is not None:
             with open(log_path) as log:
                 raise RuntimeError(f"dogbreeds serve exited ({process.returncode}): {log.read()[-2000:]}")
-        time.sleep(1)
+        time.sleep(0.25)
     stop_serve_process(process)
     raise RuntimeError(f"dogbreeds serve printed no URL in 300 s; see {log_path}")
 

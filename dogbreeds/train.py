@@ -86,6 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         "resumed_from_epoch": initial_epoch,  # > 0 when a restart resumed a checkpoint
         "train_seconds": round(train_seconds, 2),
         "workers": world_size,
+        "replicas_in_sync": strategy.num_replicas_in_sync,  # 1 if TF_CONFIG did not join them
     }
     _finish(model, history, data_config, train_config, worker_data, facts, rank,
             evaluate_test=loop_config["evaluate_test"])
@@ -256,7 +257,7 @@ def _evaluate_final(model, data_config: DataConfig, train_config: TrainConfig,
 def _ordered(metrics: dict) -> dict:
     """metrics.json's keys in a reader's order: what was trained, how it did, how it ran."""
     order = ("model", "image_size", "class_names", "validation", "epochs_run", "resumed_from_epoch",
-             "train_seconds", "workers", "num_train_images", "test", "skipped")
+             "train_seconds", "workers", "replicas_in_sync", "num_train_images", "test", "skipped")
     return {**{key: metrics[key] for key in order if key in metrics}, **metrics}
 
 
@@ -360,6 +361,41 @@ def _start_run_dir(data_config: DataConfig, train_config: TrainConfig, run_dir: 
     return run_dir
 
 
+def _set_tf_config(addresses: list[str], index: int) -> None:
+    """A worker's `TF_CONFIG`, for MultiWorkerMirroredStrategy."""
+    import json
+
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+
+
+def _backend_config():
+    """Ray's `TensorflowConfig` (it sets each worker's `TF_CONFIG`), defined here: unpickling
+    Ray's own imports TensorFlow, as its package's `__init__` does, and that cost Ray Train's
+    controller, which never trains, 4 s of CPU on every run."""
+    import ray
+    from ray.train.backend import Backend, BackendConfig
+    from ray.train.v2._internal.util import TrainingFramework
+
+    class _Backend(Backend):
+        def on_start(self, worker_group, backend_config):
+            from ray.train._internal.utils import get_address_and_port
+
+            def address():
+                host, port = get_address_and_port()
+                return f"{host}:{port}"
+
+            addresses = worker_group.execute(address)
+            ray.get([worker_group.execute_single_async(i, _set_tf_config, addresses, i)
+                     for i in range(len(addresses))])
+
+    class _Config(BackendConfig):
+        backend_cls = property(lambda self: _Backend)
+        framework = property(lambda self: TrainingFramework.TENSORFLOW)  # for Ray's Train state
+
+    return _Config()
+
+
 def _build_trainer(data_config: DataConfig, train_config: TrainConfig, run_dir: str,
                    callbacks: list | None, evaluate_test: bool):
     """The `TensorflowTrainer`: `train_config.workers` workers of `train_loop_per_worker`,
@@ -372,6 +408,7 @@ def _build_trainer(data_config: DataConfig, train_config: TrainConfig, run_dir: 
         resources["GPU"] = train_config.gpus_per_worker
     return TensorflowTrainer(
         train_loop_per_worker,
+        tensorflow_config=_backend_config(),
         train_loop_config={
             "data": to_dict(data_config),
             "train": to_dict(train_config),

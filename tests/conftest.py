@@ -128,12 +128,13 @@ class LocalCluster:
         self.log_dir, self.workers, self.num_cpus = str(log_dir), workers, num_cpus
         self.address = ray.util.get_node_ip_address()  # the machine's own: no traffic leaves it
         self.env = cluster_environment(**(env or {}))
-        self.nodes, self.temp_dirs = {}, []
+        self.nodes, self.temp_dirs, self.temp_dir = {}, [], {}  # temp_dir: each node's, by role
 
     def _start(self, role, options):
         # Short temp dirs: Ray's Unix socket paths must stay under ~100 characters.
         temp_dir = tempfile.mkdtemp(prefix=f"ray-{role}-", dir="/tmp")
         self.temp_dirs.append(temp_dir)
+        self.temp_dir[role] = temp_dir
         with open(os.path.join(self.log_dir, f"{role}.log"), "w") as log:
             self.nodes[role] = subprocess.Popen(
                 [RAY, "start", "--block", "--disable-usage-stats", "--num-cpus", str(self.num_cpus),
@@ -146,6 +147,16 @@ class LocalCluster:
         with open(os.path.join(self.log_dir, f"{role}.log")) as handle:
             return handle.read()[-3000:]
 
+    def _wait_for_runtime(self, role, deadline):
+        """Until the node's `ray start` says its runtime started, or it exits: a read of its
+        log, where each `ray list` costs a second of CPU."""
+        path = os.path.join(self.log_dir, f"{role}.log")
+        while time.time() < deadline and self.nodes[role].poll() is None:
+            with open(path) as handle:
+                if "Ray runtime started." in handle.read():
+                    return
+            time.sleep(0.2)
+
     def _start_head(self, deadline):
         """The head, up to three times with fresh ports: a port found free may be taken by
         another process before Ray binds it, and then `ray start` exits at once."""
@@ -155,6 +166,7 @@ class LocalCluster:
             self._start("head", ["--head", "--port", str(self.port), "--include-dashboard", "true",
                                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                                  "--ray-client-server-port", str(free_port())])
+            self._wait_for_runtime("head", deadline)
             while time.time() < deadline and self.nodes["head"].poll() is None:
                 if self.state("nodes", quiet=True):
                     return
@@ -171,6 +183,8 @@ class LocalCluster:
         self._start_head(deadline)
         for number in range(self.workers):
             self._start("worker" if number == 0 else f"worker{number}", ["--address", f"{self.address}:{self.port}"])
+        for role in list(self.nodes):
+            self._wait_for_runtime(role, deadline)
         while time.time() < deadline and len(self.alive_nodes()) < 1 + self.workers:
             assert all(node.poll() is None for node in self.nodes.values()), "a node exited: see its log"
             time.sleep(1)
@@ -190,6 +204,13 @@ class LocalCluster:
             if quiet:
                 return []
             raise
+
+    def runs(self, role, pid) -> bool:
+        """Whether process `pid` is one of node `role`'s (in its session): no `ray list`."""
+        try:
+            return os.getsid(pid) == self.nodes[role].pid
+        except (ProcessLookupError, KeyError):
+            return False
 
     def alive_nodes(self):
         return {node["node_id"]: node["is_head_node"] for node in self.state("nodes", quiet=True) if node["state"] == "ALIVE"}
@@ -262,6 +283,33 @@ def readme_commands(blocks="bash") -> list[str]:
     return commands
 
 
+def serving_command(prefix: str) -> str:
+    """The one line of the README's Serving section (its `sh` blocks) that starts with `prefix`."""
+    section = README.read_text().split("## Serving", 1)[-1].split("\n## ", 1)[0]
+    lines = [line.strip() for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+             for line in block.strip().splitlines()]
+    matches = [line for line in lines if line.startswith(prefix)]
+    assert len(matches) == 1, f"the README's Serving section needs one `{prefix}` command: {lines}"
+    return matches[0]
+
+
+def run_readme_curl(port: int) -> dict:
+    """The README's `curl -F ...` against 127.0.0.1:`port`: its JSON answer."""
+    curl = serving_command("curl -F ").replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    result = subprocess.run(shlex.split(curl) + ["--silent", "--show-error", "--max-time", "120"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def listener(port: int) -> str:
+    """The name of the process listening on 127.0.0.1:port."""
+    import psutil
+
+    (pid,) = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    return psutil.Process(pid).name()
+
+
 def run_readme_command(command: str, runs: pathlib.Path) -> None:
     """A README command as written, from the project's root, its `runs/` moved to `runs`; it
     exits 0 and writes every `--output` it names."""
@@ -304,8 +352,9 @@ README_RUN_FIXTURES = {
 @pytest.fixture(scope="session")
 def mobilenet_run_dir(ray_cluster, readme_runs) -> str:
     """The README's `dogbreeds train mobilenet_025 ... --output runs/mobilenet` (the real
-    backbone, 3 epochs at 128 px on tiny_dogs_64): the serving, attack and novelty tests export
-    it, as the README's `dogbreeds export runs/mobilenet` does."""
+    backbone, 5 epochs at 128 px on tiny_dogs_64, one worker): tests/test_train.py checks it
+    against training from scratch; the serving, attack and novelty tests export it, as the
+    README's `dogbreeds export runs/mobilenet` does."""
     return str(_readme_run("train mobilenet_025 ", readme_runs))
 
 

@@ -1,18 +1,20 @@
 """The adversarial suite of issue 11 (dogbreeds/attack/): its hostile inputs checked for what
-they claim to be, then all of them thrown at a real `dogbreeds serve` (a subprocess with its
-default options, a bundle trained here), a real photo after each; and `dogbreeds bench attack`."""
+they claim to be, then all of them thrown at a real `dogbreeds serve` (a subprocess started as
+the README starts it, a bundle trained here), a real photo after each; and `dogbreeds bench
+attack`."""
 
 import io
 import json
 import pathlib
 import re
 import shlex
+import urllib.request
 
 import pytest
 from PIL import Image
 
 from dogbreeds import attack, bench, cli
-from tests.conftest import ARTIFACTS, ROOT, SAMPLE_DIR, free_port
+from tests.conftest import ARTIFACTS, ROOT, SAMPLE_DIR, SHARED, free_port, listener, run_readme_curl, serving_command
 
 PHOTO = SAMPLE_DIR / "Images" / "n02085620-Chihuahua" / "imagenet_sample_n02085620_Chihuahua.JPEG"
 # Measured: the classifier of this bundle idles at ~0.8 GB and peaks at ~1.0 GB on a hardened
@@ -95,12 +97,32 @@ def bundle_dir(mobilenet_bundle_dir):
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory):
-    """`dogbreeds serve BUNDLE` with its default options, on a free port of 127.0.0.1."""
+    """The README's `dogbreeds serve runs/bundle --examples ...` (otherwise its default options),
+    on a free port of 127.0.0.1."""
+    command = serving_command(".venv/bin/dogbreeds serve runs/bundle ").removeprefix(".venv/bin/dogbreeds serve runs/bundle ")
+    options = [arg.replace("../shared", str(SHARED)) for arg in shlex.split(command)]
     port = free_port()
     log = tmp_path_factory.mktemp("attack_server") / "serve.log"
-    process = bench.start_serve_process(bundle_dir, port, str(log))
-    yield {"url": f"http://127.0.0.1:{port}", "pid": process.pid}
+    process = bench.start_serve_process(bundle_dir, port, str(log), tuple(options))
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "pid": process.pid, "log": log}
     bench.stop_serve_process(process)
+
+
+@pytest.mark.slow
+def test_the_readme_server_prints_its_url_and_answers_the_readme_curl(server):
+    """Before any attack: the URL it prints, the README's curl, and the Gradio UI's own API (its
+    event queue, streamed), through Serve's own proxy (tests/test_serve.py checks `--haproxy`)."""
+    import gradio_client
+
+    assert f"dogbreeds serve: {server['url']}/ " in server["log"].read_text()  # 127.0.0.1 unless told otherwise
+    answer = run_readme_curl(server["port"])
+    assert len(answer["predictions"]) == 3 and answer["predictions"][0]["breed"]
+    assert listener(server["port"]) != "haproxy"
+    serving = json.loads(urllib.request.urlopen(f"{server['url']}/model", timeout=60).read())["serving"]
+    assert serving["max_requests_per_client"] == 16
+    ui = gradio_client.Client(f"{server['url']}/", verbose=False)
+    verdict, bars = ui.predict(gradio_client.handle_file(str(PHOTO)), api_name="/classify_photo")
+    assert verdict.startswith("###") and len(bars["confidences"]) == 5
 
 
 def _readme_command() -> str:

@@ -1,7 +1,8 @@
 """The cluster side: ray_cluster.yaml against Ray's own validation, the cluster/ entry points,
 and a real two-node Ray cluster on this machine (a head and a worker node, each its own
 `ray start`, token authentication on): a head search submitted with `ray job submit` spreads
-its trials over both nodes, and finishes every trial when the worker node is killed mid-search.
+its trials over both nodes, finishes every trial when the worker node is killed mid-search,
+and, its driver killed too, is finished by `--resume`.
 
 Each node has one logical CPU and each trial asks for one, so two concurrent trials must run
 on different nodes. Node IPs are equal on one machine: a trial's node is found from its
@@ -131,6 +132,10 @@ def shared_dirs(tmp_path_factory, cache_dir):
     return str(tmp_path_factory.mktemp("features")), cache_dir
 
 
+# Epochs of each trial of the searches here.
+EPOCHS = 12
+
+
 def _search_command(output, shared_dirs, trials, epochs):
     """A head search of slow trials: one photo a step, over 50 photos of each breed (270 steps an
     epoch, about half a second), so a trial lasts `epochs` / 2 seconds and reports often."""
@@ -168,18 +173,34 @@ def _rows(output):
         return list(csv.DictReader(handle))
 
 
-def _tune_results(output):
-    """Every result (one per reported epoch) in Tune's own result files."""
-    for path in glob.glob(os.path.join(output, "tune", "search", "*", "result.json")):
+def _tune_dir(output):
+    """Tune's own files of the search writing to `output`."""
+    return os.path.join(output, "tune", "search")
+
+
+def _live_dir(cluster):
+    """Tune's own files as the search's driver (on the head) writes them: it writes each result
+    there at once, and copies its files to `_tune_dir` only now and then."""
+    pattern = os.path.join(cluster.temp_dir["head"], "session_*", "artifacts", "*", "search", "driver_artifacts")
+    return (sorted(glob.glob(pattern)) or [pattern])[-1]
+
+
+def _tune_results(directory):
+    """Every result (one per reported epoch) in Tune's result files in `directory`."""
+    yield from _results(os.path.join(directory, "*", "result.json"))
+
+
+def _results(pattern):
+    for path in glob.glob(pattern):
         with open(path) as handle:
-            yield from (json.loads(line) for line in handle if line.strip())
+            yield from (json.loads(line) for line in handle if line.endswith("\n"))
 
 
 def _trial_pids(output):
     """Trial id -> the process ids that reported its epochs, in order (a retried trial has
     more than one)."""
     pids = {}
-    for result in _tune_results(output):
+    for result in _tune_results(_tune_dir(output)):
         trial_pids = pids.setdefault(result["trial_id"], [])
         if result["pid"] not in trial_pids:
             trial_pids.append(result["pid"])
@@ -192,11 +213,11 @@ def _trial_nodes(cluster, output):
     return {trial: [node_of_pid.get(pid) for pid in pids] for trial, pids in _trial_pids(output).items()}
 
 
-def _tune_trials(output):
-    """Trial id -> (status, failures) from Tune's own saved experiment state; {} before it
-    exists or while it is being written."""
+def _tune_trials(directory):
+    """Trial id -> (status, failures) from Tune's saved experiment state in `directory`; {}
+    before it exists or while it is being written."""
     try:
-        state_file = sorted(glob.glob(os.path.join(output, "tune", "search", "experiment_state-*.json")))[-1]
+        state_file = sorted(glob.glob(os.path.join(directory, "experiment_state-*.json")))[-1]
         with open(state_file) as handle:
             trial_data = json.load(handle)["trial_data"]
     except (IndexError, ValueError, KeyError, OSError):
@@ -216,23 +237,40 @@ def _assert_every_trial_done_once(output, trials):
 
 
 @pytest.mark.slow
-def test_a_killed_search_driver_resumes_without_redoing_finished_trials(cluster, shared_dirs, tmp_path):
-    """A search job spreads its trials over both nodes, its relative --output on the storage
-    its environment names; its driver is killed, and `--resume` finishes it."""
+def test_a_search_survives_its_worker_node_dying_and_its_driver_killed(cluster, shared_dirs, tmp_path):
+    """A search job spreads its trials over both nodes, its relative --output on the storage its
+    environment names. The worker node is killed under a running trial, which Tune runs again on
+    the head; then the job's driver is killed, and `--resume` finishes the search: every trial
+    once, and no finished trial run again."""
+    worker = next(node for node, is_head in cluster.node_ids.items() if not is_head)
+    head = next(node for node, is_head in cluster.node_ids.items() if is_head)
     output = str(tmp_path / "search")
-    command = _search_command("search", shared_dirs, trials=3, epochs=20)
+    command = _search_command("search", shared_dirs, trials=3, epochs=EPOCHS)
     storage = {"env_vars": {"DOGBREEDS_STORAGE": str(tmp_path)}}
     job = _submit(cluster, command, runtime_env=storage)
     try:
-        # Once a trial has finished and another still runs, SIGKILL the job's driver.
+        # Wait for a trial on the worker node to report an epoch, with at least half of its
+        # epochs still to run, then kill that node.
+        deadline, victim = time.time() + 300, None
+        while victim is None and time.time() < deadline and job.poll() is None:
+            time.sleep(0.5)
+            live = list(_tune_results(_live_dir(cluster)))
+            epochs = collections.Counter(result["trial_id"] for result in live)
+            pids = {result["trial_id"]: result["pid"] for result in live}
+            victim = next((trial for trial, pid in pids.items()
+                           if cluster.runs("worker", pid) and epochs[trial] <= EPOCHS // 2), None)
+        assert victim is not None, "no trial reached the worker node"
+        cluster.kill("worker")
+        # Once Tune has seen the victim fail, a trial has finished and another is still to
+        # finish, SIGKILL the job's driver.
         deadline, finished = time.time() + 420, set()
         while time.time() < deadline and job.poll() is None:
-            time.sleep(2)
-            trials = _tune_trials(output)
+            time.sleep(1)
+            trials = _tune_trials(_tune_dir(output))  # what --resume will see
             finished = {trial for trial, (status, _) in trials.items() if status == "TERMINATED"}
-            if finished and len(finished) < 3:
+            if finished and len(finished) < 3 and trials.get(victim, ("", 0))[1] >= 1:
                 break
-        assert finished and len(finished) < 3, f"no moment with some trials finished: {_tune_trials(output)}"
+        assert finished and len(finished) < 3, f"no moment with some trials finished: {_tune_trials(_tune_dir(output))}"
         (driver,) = [j["driver_info"]["pid"] for j in cluster.state("jobs") if j["status"] == "RUNNING"]
         os.kill(int(driver), signal.SIGKILL)
         returncode, _ = _finish(job, timeout=120)
@@ -241,48 +279,17 @@ def test_a_killed_search_driver_resumes_without_redoing_finished_trials(cluster,
             job.kill()
             job.communicate()
     assert returncode != 0  # the job failed with its driver
-    reported = collections.Counter(r["trial_id"] for r in _tune_results(output))
+    reported = collections.Counter(r["trial_id"] for r in _tune_results(_tune_dir(output)))
     returncode, log = _finish(_submit(cluster, command + ["--resume"], runtime_env=storage), timeout=420)
     assert returncode == 0 and "succeeded" in log, log[-3000:]
     _assert_every_trial_done_once(output, 3)
+    assert all(row["epochs"] == str(EPOCHS) for row in _rows(output))
+    assert finished <= {row["trial_id"] for row in _rows(output)}  # the same search, continued
+    after = collections.Counter(r["trial_id"] for r in _tune_results(_tune_dir(output)))
+    assert all(after[trial] == reported[trial] for trial in finished), (reported, after)  # not run again
     nodes = _trial_nodes(cluster, output)
     used = {node for trial_nodes in nodes.values() for node in trial_nodes}
     print("trials per node:", {node[:8]: sum(node in n for n in nodes.values()) for node in used})
     assert None not in used and used == set(cluster.node_ids), f"trials ran on {used}, nodes {cluster.node_ids}"
-    assert finished <= {row["trial_id"] for row in _rows(output)}  # the same search, continued
-    after = collections.Counter(r["trial_id"] for r in _tune_results(output))
-    assert all(after[trial] == reported[trial] for trial in finished), (reported, after)  # not run again
-    assert all(row["epochs"] == "20" for row in _rows(output))
-
-
-@pytest.mark.slow
-def test_a_search_finishes_every_trial_when_the_worker_node_dies(cluster, shared_dirs, tmp_path):
-    worker = next(node for node, is_head in cluster.node_ids.items() if not is_head)
-    head = next(node for node, is_head in cluster.node_ids.items() if is_head)
-    output = str(tmp_path / "search")
-    job = _submit(cluster, _search_command(output, shared_dirs, trials=3, epochs=20))
-    try:
-        # Wait for a trial on the worker node to report an epoch, with at least half of its
-        # epochs still to run (a loaded machine may see it late), then kill that node.
-        deadline, victim = time.time() + 300, None
-        while victim is None and time.time() < deadline and job.poll() is None:
-            time.sleep(2)
-            epochs = collections.Counter(result["trial_id"] for result in _tune_results(output))
-            victim = next((trial for trial, nodes in _trial_nodes(cluster, output).items()
-                           if worker in nodes and epochs[trial] <= 10), None)
-        assert victim is not None, "no trial reached the worker node"
-        assert _tune_trials(output).get(victim, ("RUNNING",))[0] != "TERMINATED", "the trial should still run"
-        cluster.kill("worker")
-        killed_at = time.time()
-        returncode, log = _finish(job, timeout=420)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.communicate()
-    assert returncode == 0 and "succeeded" in log, log[-3000:]
-    print(f"search finished {time.time() - killed_at:.0f} s after the worker node was killed")
-    _assert_every_trial_done_once(output, 3)
-    assert _tune_trials(output)[victim][1] >= 1  # Tune saw the trial fail with its node ...
-    nodes = _trial_nodes(cluster, output)[victim]
-    assert nodes[0] == worker and nodes[-1] == head  # ... and ran it again on the head
-
+    assert _tune_trials(_tune_dir(output))[victim][1] >= 1  # Tune saw the trial fail with its node ...
+    assert nodes[victim][0] == worker and nodes[victim][-1] == head  # ... and ran it again on the head

@@ -58,7 +58,7 @@ def test_reference_positions_cap_each_class_and_are_seeded():
 
 # ---------------------------------------------------------------------------------------------
 # Real bundles: the session's runs (tests/conftest.py), mobilenet_025 on the real backbone (the
-# README's run, 3 epochs at 128 px) and cnn3v2 from scratch (the README's run, 8 epochs at 64 px).
+# README's run, 5 epochs at 128 px) and cnn3v2 from scratch (the README's run, 8 epochs at 64 px).
 
 
 @pytest.fixture(scope="module")

@@ -69,8 +69,12 @@ def test_tensorboard_command_serves_a_run(logdir, runs):
 @pytest.mark.slow
 def test_quick_pipeline_left_every_artefact(runs):
     """The README's main command: both searches, the chosen model exported, the report."""
+    import numpy as np
+
+    from dogbreeds import data
+    from dogbreeds.config import DataConfig
     from dogbreeds.export import load_bundle
-    from tests.conftest import SAMPLE_DIR
+    from tests.conftest import SAMPLE_DIR, TINY_DIR
 
     quick = runs / "quick"
     for stage in ("cnn3v2", "head"):
@@ -80,6 +84,11 @@ def test_quick_pipeline_left_every_artefact(runs):
     summary = json.loads((quick / "pipeline.json").read_text())
     other = "cnn3v2" if summary["chosen"] == "head" else "head"
     assert summary["final"][summary["chosen"]]["validation"] >= summary["final"][other]["validation"]
+    # The head search trained on the profile's augmented views of every training photo.
+    views = summary["settings"]["stages"]["head"]["data"]["augmented_views"]
+    (train_features,) = (quick / "features").glob("*/train.npz")
+    train_photos = len(data.load_index(DataConfig(data_dir=str(TINY_DIR))).splits["train"])
+    assert views == 2 and np.load(train_features)["features"].shape[0] == views * train_photos
     bundle = load_bundle(str(quick / "bundle"))
     assert bundle.info["version"] == summary["bundle"]["version"] and len(bundle.class_names) == 6
     photo = next(SAMPLE_DIR.glob("Images/n02085620-Chihuahua/*")).read_bytes()
