@@ -126,6 +126,7 @@ def bench_heads(data_config: DataConfig, model: str, weights, image_size: int | 
         end_to_end_seconds, end_to_end_accuracy = _time_end_to_end_trials(
             configs, train_config, data_config, index.num_classes, train, validation)
         ray_train_seconds = _time_tune_train_trial(configs[0], train_config, data_config, scratch)
+        journal_seconds = _time_study_journal(trials, epochs, os.path.join(scratch, "study"))
 
     cached_total, end_to_end_total = sum(cached_seconds), sum(end_to_end_seconds)
     return {
@@ -147,22 +148,46 @@ def bench_heads(data_config: DataConfig, model: str, weights, image_size: int | 
         "bare_fit_seconds_first_trial": round(end_to_end_seconds[0], 2),
         "tune_train_seconds_first_trial": round(ray_train_seconds, 2),
         "tune_train_overhead_seconds_per_trial": round(ray_train_seconds - end_to_end_seconds[0], 2),
+        "study_journal_seconds_per_trial": round(journal_seconds, 4),
+        "study_journal_share_of_a_cached_trial": round(journal_seconds / (cached_total / trials), 4),
     }
 
 
+def _time_study_journal(trials: int, epochs: int, scratch: str) -> float:
+    """Seconds per trial of what a search writes to its study file (study.py): the trial asked
+    for and sampled, its Ray trial id, folder and node, an intermediate value per epoch, its
+    epochs and seconds, then told; on a fresh journal, as a search's first trials are."""
+    import optuna
+
+    from dogbreeds import search, spaces, study
+
+    os.makedirs(scratch)
+    space = search.check_space("transfer_head")
+    record = optuna.create_study(storage=study.storage(study.study_path(scratch)), direction="maximize",
+                                 sampler=optuna.samplers.RandomSampler(seed=0))
+    started = time.perf_counter()
+    for number in range(trials):
+        trial = record.ask()
+        spaces.suggest(space, trial)
+        for key in ("ray_trial_id", "trial_dir", "node"):
+            trial.set_user_attr(key, f"{key}-{number}")
+        for epoch in range(1, epochs + 1):
+            trial.report(epoch / epochs, epoch)
+        trial.set_user_attr("epochs", epochs)
+        trial.set_user_attr("seconds", 1.0)
+        record.tell(trial, 1.0)
+    return (time.perf_counter() - started) / trials
+
+
 def _sample_head_configs(trials: int, seed: int) -> list[dict]:
-    """`trials` seeded samples of the transfer_head search space, as a search draws them."""
-    from ray import tune
+    """`trials` seeded samples of the transfer_head search space, as a random search draws them."""
+    import optuna
 
-    from dogbreeds import search
+    from dogbreeds import search, spaces
 
-    hp, _ = search.load_space("transfer_head")
-    space = search.to_tune_space(hp)
-    random_state = np.random.RandomState(seed)
-    return [
-        search.active_values(hp, {name: domain.sample(random_state=random_state) if isinstance(domain, tune.search.sample.Domain) else domain for name, domain in space.items()})
-        for _ in range(trials)
-    ]
+    space = search.check_space("transfer_head")
+    sampled = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [spaces.suggest(space, sampled.ask()) for _ in range(trials)]
 
 
 def _time_cached_trials(configs, train_config, features: dict, num_classes: int, scratch: str):

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dogbreeds {dogbreeds.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add_command in (_add_models, _add_data, _add_train, _add_export, _add_search, _add_pipeline,
-                        _add_report, _add_serve, _add_bench):
+                        _add_report, _add_dashboard, _add_serve, _add_bench):
         add_command(commands)
     return parser
 
@@ -248,6 +248,13 @@ def _add_report(commands) -> None:
     parser.add_argument("run_dir", help=RUN_DIR_HELP)
     parser.add_argument("--output", help="the directory of report.html (default: RUN_DIR)")
     parser.add_argument("--no-predictions", action="store_true", help="skip loading the model for sample predictions")
+
+
+def _add_dashboard(commands) -> None:
+    parser = _command(commands, "dashboard", "optuna-dashboard over the searches under a run directory, live")
+    parser.add_argument("run_dir", help="a search or pipeline directory (its searches' study.journal files)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen here (default: 127.0.0.1; 0.0.0.0: everywhere)")
+    parser.add_argument("--port", type=int, default=8080, help="HTTP port (default: 8080)")
 
 
 def _add_serve(commands) -> None:
@@ -507,6 +514,12 @@ def command_report(args) -> None:
     print(write_report(args.run_dir, output, predictions=not args.no_predictions))
 
 
+def command_dashboard(args) -> None:
+    from dogbreeds import dashboard
+
+    dashboard.serve(args.run_dir, args.host, args.port)
+
+
 def _check_bundle(bundle: str) -> None:
     """A bundle's files, checked before Ray starts (no TensorFlow)."""
     from dogbreeds import export
@@ -608,6 +621,7 @@ COMMANDS = {
     "search": command_search,
     "pipeline": command_pipeline,
     "report": command_report,
+    "dashboard": command_dashboard,
     "serve": command_serve,
     "bench": command_bench,
 }

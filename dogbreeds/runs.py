@@ -4,7 +4,8 @@ of a training run, a search or a pipeline is spelled.
     runs/x/                      a training run (`dogbreeds train`, a search's `final/`, a trial)
       config.json  model.keras  metrics.json  history.json  confusions.csv  tensorboard/  ray/
     runs/search/                 a search (`dogbreeds search cnn3v2|head`)
-      search.json  results.csv  best.json  trials/<id>/  tune/  final/  features/  report.html
+      search.json  study.journal  results.csv  best.json  trials/<id>/  tune/  final/  features/
+      report.html
     runs/pipeline/               a pipeline (`dogbreeds pipeline`)
       pipeline.json  cnn3v2/  head/  bundle/  report.html
 
@@ -43,7 +44,8 @@ RESULTS = "results.csv"  # one row per trial: status, seconds, best val_accuracy
 BEST = "best.json"  # the best trial, its values, and the final model's metrics
 TRIALS = "trials"  # one folder per trial, named by its Tune trial id
 TUNE = "tune"  # Ray Tune's state (folder), for `--resume`
-TUNE_NAME = "search"  # the experiment's name under tune/
+TUNE_NAME = "search"  # the experiment's name under tune/, and the study's name in STUDY
+STUDY = "study.journal"  # the search's Optuna study (JournalStorage): what `dashboard` shows
 FINAL = "final"  # the best configuration as a training run (folder)
 FEATURES = "features"  # the head search's cached backbone features (folder)
 HEAD_WEIGHTS = "head.weights.h5"  # in a head trial's folder: the trained head's weights

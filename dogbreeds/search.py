@@ -30,11 +30,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import shutil
 from typing import Callable
 
-from dogbreeds import models, runs, spaces
+from dogbreeds import models, runs, spaces, study
 from dogbreeds.config import DataConfig, TrainConfig, to_dict
-from dogbreeds.spaces import active_values, to_tune_space  # also search.py's API (bench.py, tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class SearchConfig:
     trials: int = 8
     # Trials running at once; each takes `workers` x `cpus_per_worker` CPUs (and GPUs).
     concurrent_trials: int = 1
-    # "random" (Tune's random search) or "tpe" (Optuna's Bayesian TPE through Ray Tune).
+    # "random" (Optuna's RandomSampler) or "tpe" (its TPESampler), through Tune's OptunaSearch.
     algorithm: str = "random"
     # "asha" stops poor trials early (Keras Tuner's Hyperband idea); "none" runs all to the end.
     scheduler: str = "asha"
@@ -147,16 +147,6 @@ def _hyperparameter_names(model_names: list[str]) -> set[str]:
     return names
 
 
-def load_space(space: str | os.PathLike):
-    """Read a search-space file into (keras_tuner.HyperParameters, the file's other keys);
-    checked for its own `search:` kind (`check_space`). Imports TensorFlow."""
-    checked = check_space(space)
-    spec = {"search": checked.search, "metric": checked.metric}
-    if checked.model is not None:
-        spec["model"] = checked.model
-    return spaces.build_hyperparameters(checked), spec
-
-
 def split_values(model: str, values: dict) -> tuple[dict, dict]:
     """Split a trial's values into (model hyperparameters, TrainConfig fields)."""
     model_keys = set(models.get_model_spec(model).hparams)
@@ -191,74 +181,86 @@ def _start_search(output: str, data_config: DataConfig, train_config: TrainConfi
 # The Tune side, common to both searches.
 
 
-def run_tuner(trainable, hp, search: SearchConfig, output: str, name: str, resume: bool, seed: int,
-              callbacks: list | None = None, metric: str = spaces.DEFAULT_METRIC):
-    """Run (or with `resume`, continue) a Ray Tune search selecting on `metric` (a key of
-    `spaces.METRICS`, in its direction); returns its ResultGrid.
+def run_tuner(trainable, space: spaces.SearchSpace, search: SearchConfig, output: str, resume: bool,
+              seed: int, callbacks: list | None = None) -> list:
+    """Run the Ray Tune search of `output`, its trials sampled by and recorded in the search's
+    Optuna study (study.py), selecting on the space's metric; returns every trial's Result.
 
-    `callbacks` are Tune callbacks (a restored search keeps the ones it started with)."""
+    With `resume`, the search's Tune experiments are restored and finished first (no finished
+    trial runs again); then, if `search.trials` is more than they hold, one more experiment
+    (`tune/search-2`, ...) runs the missing trials on the same study, so its sampler knows
+    every earlier trial. `callbacks` are Tune callbacks (a restored experiment keeps its own)."""
     import ray
     from ray import tune
 
     if not ray.is_initialized():
         ray.init()
     storage = os.path.join(os.path.abspath(output), runs.TUNE)
-    path = os.path.join(storage, name)
-    if resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        return tuner.fit()
-    if os.path.exists(path):
+    names = _experiments(storage)
+    if names and not resume:
         raise ValueError(f"{output} holds a search already: pass --resume, or choose another --output")
-    if search.algorithm == "tpe":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        algorithm = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
-    elif search.algorithm == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        algorithm = BasicVariantGenerator(random_state=seed, max_concurrent=search.concurrent_trials)
-    else:
-        raise ValueError(f"unknown algorithm {search.algorithm!r}; known: random, tpe")
-    scheduler = None
-    if search.scheduler == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(grace_period=1, reduction_factor=3)
-    elif search.scheduler != "none":
-        raise ValueError(f"unknown scheduler {search.scheduler!r}; known: asha, none")
-    tuner = tune.Tuner(
-        trainable,
-        param_space=to_tune_space(hp),
-        tune_config=tune.TuneConfig(
-            metric=metric,
-            mode=spaces.METRICS[metric],
-            num_samples=search.trials,
-            # Random search limits concurrency itself (above); Optuna through Tune's limiter.
-            max_concurrent_trials=None if search.algorithm == "random" else search.concurrent_trials,
-            search_alg=algorithm,
-            scheduler=scheduler,
-            # A stopped trial's actor must end: a cnn3v2 trial's driver is blocked in its Ray
-            # Train run, which would otherwise train on and keep its CPUs (or GPUs) reserved.
-            reuse_actors=False,
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=tune.FailureConfig(max_failures=search.max_trial_failures),
-            callbacks=callbacks,
-        ),
-    )
-    return tuner.fit()
+    results = []
+    for name in names:
+        restored = tune.Tuner.restore(os.path.join(storage, name), trainable=trainable,
+                                      resume_unfinished=True, resume_errored=True)
+        results += list(restored.fit())
+    if search.trials > len(results):
+        scheduler = None
+        if search.scheduler == "asha":
+            scheduler = study.asha(output, runs.TUNE_NAME)
+        elif search.scheduler != "none":
+            raise ValueError(f"unknown scheduler {search.scheduler!r}; known: asha, none")
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=space.metric,
+                mode=space.mode,
+                num_samples=search.trials - len(results),
+                max_concurrent_trials=search.concurrent_trials,
+                # Seeded past the earlier trials, so an extension draws new values.
+                search_alg=study.searcher(space, search.algorithm, seed + len(results), output, runs.TUNE_NAME),
+                scheduler=scheduler,
+                # A stopped trial's actor must end: a cnn3v2 trial's driver is blocked in its
+                # Ray Train run, which would otherwise train on and keep its CPUs (or GPUs).
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name=runs.TUNE_NAME if not names else f"{runs.TUNE_NAME}-{len(names) + 1}",
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=search.max_trial_failures),
+                callbacks=callbacks,
+            ),
+        )
+        results += list(tuner.fit())
+    study.reconcile(output, runs.TUNE_NAME)
+    return results
 
 
-def write_results(results, hp, output: str, search_name: str, metric: str = spaces.DEFAULT_METRIC) -> dict:
+def _experiments(storage: str) -> list[str]:
+    """The search's Tune experiments under `storage` that can be restored, in the order they
+    ran: `search`, then each extension (`search-2`, ...)."""
+    from ray import tune
+
+    names, number = [], 1
+    while True:
+        name = runs.TUNE_NAME if number == 1 else f"{runs.TUNE_NAME}-{number}"
+        if not os.path.isdir(os.path.join(storage, name)):
+            return names
+        if tune.Tuner.can_restore(os.path.join(storage, name)):
+            names.append(name)
+        number += 1
+
+
+def write_results(results, names: list[str], output: str, search_name: str,
+                  metric: str = spaces.DEFAULT_METRIC) -> dict:
     """`results.csv` (a row per trial, at each trial's best epoch by `metric`) and `best.json`
-    (the best trial by `metric`) from a ResultGrid; returns the best."""
+    (the best trial by `metric`) from Tune's Results; `names` are the space's hyperparameters (a
+    trial's config holds the active ones). Returns the best."""
     better = max if spaces.METRICS[metric] == "max" else min
     rows = []
     for result in results:
         history = result.metrics_dataframe
         trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
-        values = active_values(hp, result.config)
         reported = history is not None and metric in history and history[metric].notna().any()
         best_epoch = history.loc[getattr(history[metric], f"idx{spaces.METRICS[metric]}")()] if reported else {}
         rows.append({
@@ -268,7 +270,7 @@ def write_results(results, hp, output: str, search_name: str, metric: str = spac
             **{name: _number(best_epoch, name) if reported else None
                for name in dict.fromkeys(("val_accuracy", "val_loss", metric))},
             "epochs": int(history["epoch"].max()) if history is not None and "epoch" in history else 0,
-            **{f"hp_{name}": values.get(name) for name in (p.name for p in hp.space)},
+            **{f"hp_{name}": result.config.get(name) for name in names},
         })
     rows.sort(key=lambda row: row["trial_id"])
     with open(os.path.join(output, runs.RESULTS), "w", newline="") as handle:
@@ -292,6 +294,17 @@ def write_results(results, hp, output: str, search_name: str, metric: str = spac
     return best
 
 
+def _finish(output: str, best: dict) -> dict:
+    """best.json with the hyperparameters' importance (the study's), and the final model's
+    error analysis attached to the best trial in the study (its optuna-dashboard note)."""
+    best["importance"] = {"evaluator": study.IMPORTANCE_EVALUATOR,
+                          "values": study.importance(output, runs.TUNE_NAME)}
+    if "final" in best:
+        study.note_final(output, runs.TUNE_NAME, best["trial_id"])
+    runs.write_json(os.path.join(output, runs.BEST), best)
+    return best
+
+
 def _number(row, name: str) -> float | None:
     """A metric of a history row, or None when the trial did not report it."""
     value = row.get(name) if hasattr(row, "get") else None
@@ -302,14 +315,14 @@ def _number(row, name: str) -> float | None:
 # The cnn3v2 search: a Ray Train run per trial.
 
 
-def _cnn3v2_trial(config, *, hp, data_config, train_config, trials_dir):
+def _cnn3v2_trial(config, *, data_config, train_config, trials_dir):
     """One trial: a Ray Train run whose epochs are reported to Tune as they end."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from dogbreeds.train import run_training
 
-    model_hparams, overrides = split_values(train_config.model, active_values(hp, config))
+    model_hparams, overrides = split_values(train_config.model, config)
     trial_config = dataclasses.replace(train_config, hparams=model_hparams, **overrides)
     trial_dir = os.path.join(trials_dir, tune.get_context().get_trial_id())
     # resume=True: a retried or restored trial continues its Ray Train run from its checkpoint.
@@ -392,27 +405,44 @@ def search_cnn3v2(
     train_config = dataclasses.replace(train_config, model=space.model)
     data_config, train_config = absolute_paths(data_config, train_config)
     output = _start_search(output, data_config, train_config, search, space, resume)
-    hp = spaces.build_hyperparameters(space)
     trials_dir = os.path.join(output, runs.TRIALS)
     trainable = tune.with_parameters(
-        _cnn3v2_trial, hp=hp, data_config=data_config, train_config=train_config,
+        _cnn3v2_trial, data_config=data_config, train_config=train_config,
         trials_dir=trials_dir,
     )
     # The trial's driver only waits for its Ray Train workers, which hold the resources; a
     # whole CPU for it would leave a 2-worker trial waiting forever on a 2-CPU machine (Tune
     # refuses an empty request, hence a sliver).
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    results = run_tuner(trainable, hp, search, output, runs.TUNE_NAME, resume, data_config.seed,
-                        callbacks=[_release_stopped_runs(trials_dir)], metric=space.metric)
-    best = write_results(results, hp, output, "cnn3v2", space.metric)
-    if search.retrain_best:
+    results = run_tuner(trainable, space, search, output, resume, data_config.seed,
+                        callbacks=[_release_stopped_runs(trials_dir)])
+    earlier = _earlier_best(output)
+    best = write_results(results, list(space.hyperparameters), output, "cnn3v2", space.metric)
+    if search.retrain_best and not _final_stands(output, earlier, best):
         model_hparams, overrides = split_values(train_config.model, best["hparams"])
         final_data = dataclasses.replace(data_config, subset_per_class=None, subset_fraction=None)
         final_train = dataclasses.replace(train_config, hparams=model_hparams, **overrides)
         final = run_training(final_data, final_train, os.path.join(output, runs.FINAL), resume=resume)
         best["final"] = {"validation": final["validation"]["top1"], "test": final["test"]["top1"]}
-        runs.write_json(os.path.join(output, runs.BEST), best)
-    return best
+    return _finish(output, best)
+
+
+def _earlier_best(output: str) -> dict:
+    """best.json of a resumed search before it is rewritten ({} if none)."""
+    path = os.path.join(output, runs.BEST)
+    return runs.read_json(path) if os.path.exists(path) else {}
+
+
+def _final_stands(output: str, earlier: dict, best: dict) -> bool:
+    """Whether the final model of an extended search is still the best trial's: the best trial
+    did not change and its final/ was finished (then `best` keeps its numbers). A final/ of
+    another trial is removed, to be trained afresh."""
+    if earlier.get("final") and earlier.get("trial_id") == best["trial_id"]:
+        best["final"] = earlier["final"]
+        return True
+    if earlier.get("trial_id") not in (None, best["trial_id"]):
+        shutil.rmtree(os.path.join(output, runs.FINAL), ignore_errors=True)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +489,7 @@ def fit_head(values: dict, train_config: TrainConfig, features: dict, num_classe
     return head, history
 
 
-def _head_trial(config, *, hp, train_config, features, num_classes, trials_dir):
+def _head_trial(config, *, train_config, features, num_classes, trials_dir):
     """One head trial, in the Tune trial's own process: the head is a few hundred thousand
     parameters on a feature matrix, where a Ray Train worker group would cost more than the
     training itself."""
@@ -467,7 +497,7 @@ def _head_trial(config, *, hp, train_config, features, num_classes, trials_dir):
 
     trial_dir = os.path.join(trials_dir, tune.get_context().get_trial_id())
     os.makedirs(trial_dir, exist_ok=True)
-    fit_head(active_values(hp, config), train_config, features, num_classes, trial_dir, tune.report)
+    fit_head(config, train_config, features, num_classes, trial_dir, tune.report)
 
 
 @register_search(
@@ -492,7 +522,6 @@ def search_head(
     space = check_space(search.space, "head", train_config.model)  # before anything is created
     data_config, train_config = absolute_paths(data_config, train_config)
     output = _start_search(output, data_config, train_config, search, space, resume)
-    hp = spaces.build_hyperparameters(space)
     image_size = models.resolve_input(train_config.model, data_config.image_size).image_size
     views = max(data_config.augmented_views, 1)
     index = data.load_index(data_config)
@@ -502,19 +531,18 @@ def search_head(
     )
     print(f"features: {'reused' if features['cached'] else 'computed'} in {features['seconds']} s: {os.path.dirname(features['train'])}")
     trainable = tune.with_parameters(
-        _head_trial, hp=hp, train_config=train_config, features=features,
+        _head_trial, train_config=train_config, features=features,
         num_classes=index.num_classes, trials_dir=os.path.join(output, runs.TRIALS),
     )
     trainable = tune.with_resources(trainable, {"CPU": train_config.cpus_per_worker, "GPU": train_config.gpus_per_worker})
-    results = run_tuner(trainable, hp, search, output, runs.TUNE_NAME, resume, data_config.seed,
-                        metric=space.metric)
-    best = write_results(results, hp, output, "head", space.metric)
+    results = run_tuner(trainable, space, search, output, resume, data_config.seed)
+    earlier = _earlier_best(output)
+    best = write_results(results, list(space.hyperparameters), output, "head", space.metric)
     best["features"] = features
-
-    metrics = _join_best_head(output, best, index, data_config, train_config, image_size)
-    best["final"] = {"validation": metrics["validation"]["top1"], "test": metrics["test"]["top1"]}
-    runs.write_json(os.path.join(output, runs.BEST), best)
-    return best
+    if not _final_stands(output, earlier, best):
+        metrics = _join_best_head(output, best, index, data_config, train_config, image_size)
+        best["final"] = {"validation": metrics["validation"]["top1"], "test": metrics["test"]["top1"]}
+    return _finish(output, best)
 
 
 def _join_best_head(output, best, index, data_config, train_config, image_size) -> dict:

@@ -13,8 +13,8 @@ vocabulary:
 
 `read_space` checks all of it with PyYAML alone (keras_tuner imports TensorFlow, seconds), so
 the CLI can refuse a bad file before Ray starts; every error is one line naming the file and
-the key. `build_hyperparameters` turns a checked space into `keras_tuner.HyperParameters`,
-`to_tune_space` into a Ray Tune space, and `active_values` applies the conditions per trial.
+the key. `suggest` samples a trial's values from a checked space with Optuna, define-by-run
+(study.py hands it to Ray Tune's OptunaSearch).
 """
 
 from __future__ import annotations
@@ -205,62 +205,31 @@ def check_names(space: SearchSpace, allowed: set[str], owner: str) -> None:
             )
 
 
-def build_hyperparameters(space: SearchSpace):
-    """The `keras_tuner.HyperParameters` of a checked space (imports TensorFlow)."""
-    import keras_tuner
-
-    hp = keras_tuner.HyperParameters()
+def suggest(space: SearchSpace, trial) -> dict:
+    """Sample a trial's values define-by-run from an Optuna trial (or Ray Tune's captor of
+    one), in the file's order: a hyperparameter whose `conditions:` do not hold (its parent
+    inactive, or set to another value) is never sampled, so a sampler learns only from values
+    trials used. Keras Tuner's meanings: an Int or Float `step` is its grid (dropped with log
+    sampling, which Optuna cannot combine with a step), `reverse_log` samples as `log`, a
+    Boolean is a choice of True and False, and a Fixed value is returned without sampling."""
+    values = {}
     for name, options in space.hyperparameters.items():
-        options = dict(options)
-        kind, conditions = options.pop("type"), options.pop("conditions", None)
-        make = getattr(hp, kind)
-        try:
-            if conditions:
-                (parent, values), = conditions.items()
-                with hp.conditional_scope(parent, values):
-                    make(name, **options)
-            else:
-                make(name, **options)
-        except (ValueError, TypeError) as error:  # what Keras Tuner refuses beyond our checks
-            raise space.error(f"hyperparameters.{name}", str(error).replace("\n", " ")) from None
-    return hp
-
-
-def to_tune_space(hp) -> dict:
-    """The Ray Tune space of a keras_tuner.HyperParameters (conditions are applied per trial
-    by `active_values`)."""
-    from ray import tune
-
-    space = {}
-    for parameter in hp.space:
-        config = parameter.get_config()
-        kind = type(parameter).__name__
+        conditions = options.get("conditions")
+        if conditions:
+            (parent, allowed), = conditions.items()
+            if parent not in values or values[parent] not in allowed:
+                continue
+        kind = options["type"]
+        log = options.get("sampling", "linear") != "linear"
+        step = None if log else options.get("step")
         if kind == "Int":
-            log = config["sampling"] == "log"
-            step = config["step"] or 1
-            space[parameter.name] = (
-                tune.lograndint(config["min_value"], config["max_value"] + 1)
-                if log else tune.qrandint(config["min_value"], config["max_value"], step)
-            )
+            values[name] = trial.suggest_int(name, options["min_value"], options["max_value"], step=step or 1, log=log)
         elif kind == "Float":
-            low, high, step = config["min_value"], config["max_value"], config["step"]
-            if config["sampling"] == "log":
-                space[parameter.name] = tune.loguniform(low, high)
-            elif step:
-                space[parameter.name] = tune.quniform(low, high, step)
-            else:
-                space[parameter.name] = tune.uniform(low, high)
+            values[name] = trial.suggest_float(name, options["min_value"], options["max_value"], step=step, log=log)
         elif kind == "Choice":
-            space[parameter.name] = tune.choice(config["values"])
+            values[name] = trial.suggest_categorical(name, options["values"])
         elif kind == "Boolean":
-            space[parameter.name] = tune.choice([True, False])
+            values[name] = trial.suggest_categorical(name, [True, False])
         else:  # Fixed
-            space[parameter.name] = config["value"]
-    return space
-
-
-def active_values(hp, config: dict) -> dict:
-    """A trial's values, leaving out the ones whose conditions do not hold."""
-    trial = hp.copy()
-    trial.values.update({p.name: config[p.name] for p in hp.space if p.name in config})
-    return {p.name: config[p.name] for p in hp.space if p.name in config and trial.is_active(p)}
+            values[name] = options["value"]
+    return values

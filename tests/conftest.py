@@ -385,3 +385,14 @@ def mobilenet_bundle_dir(mobilenet_run_dir, readme_runs) -> str:
     """The README's `dogbreeds export runs/mobilenet --output runs/bundle`: the bundle the
     serving, attack and novelty tests serve (read-only for them)."""
     return str(_readme_run("export runs/mobilenet ", readme_runs, blocks="sh"))
+
+
+def assert_study_holds(search_dir, trial_ids) -> None:
+    """The search's Optuna study (dogbreeds/study.py) holds each of its Tune trials `trial_ids`
+    exactly once as a finished trial, and nothing is left running."""
+    from dogbreeds import study
+
+    record = study.load(str(search_dir), "search")
+    assert not [t.number for t in record.trials if not t.state.is_finished()]
+    finished = [t.user_attrs["ray_trial_id"] for t in record.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert sorted(finished) == sorted(trial_ids), (finished, trial_ids)

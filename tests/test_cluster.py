@@ -24,7 +24,9 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import MOBILENET_WEIGHTS, RAY, ROOT, TINY_DIR, LocalCluster, cluster_environment
+from tests.conftest import (
+    MOBILENET_WEIGHTS, RAY, ROOT, TINY_DIR, LocalCluster, assert_study_holds, cluster_environment,
+)
 
 ENTRY_POINTS = {"pipeline": "pipeline", "search": "search", "train": "train", "serve": "serve"}
 
@@ -138,13 +140,15 @@ EPOCHS = 12
 
 def _search_command(output, shared_dirs, trials, epochs):
     """A head search of slow trials: one photo a step, over 50 photos of each breed (270 steps an
-    epoch, about half a second), so a trial lasts `epochs` / 2 seconds and reports often."""
+    epoch, about half a second), so a trial lasts `epochs` / 2 seconds and reports often; no
+    early stopping, so that every trial runs all its epochs."""
     features_dir, cache_dir = shared_dirs
     return [
         "python", "cluster/search.py", "head", "--backbone", "mobilenet_025",
         "--weights", str(MOBILENET_WEIGHTS), "--data-dir", str(TINY_DIR), "--image-size", "64",
         "--subset-per-class", "50", "--batch-size", "1", "--scheduler", "none",
-        "--views", "1", "--epochs", str(epochs), "--trials", str(trials), "--concurrent-trials", "2",
+        "--views", "1", "--epochs", str(epochs), "--early-stopping-patience", str(epochs),
+        "--trials", str(trials), "--concurrent-trials", "2",
         "--features-dir", features_dir, "--cache-dir", cache_dir, "--output", str(output),
     ]
 
@@ -293,3 +297,4 @@ def test_a_search_survives_its_worker_node_dying_and_its_driver_killed(cluster, 
     assert None not in used and used == set(cluster.node_ids), f"trials ran on {used}, nodes {cluster.node_ids}"
     assert _tune_trials(_tune_dir(output))[victim][1] >= 1  # Tune saw the trial fail with its node ...
     assert nodes[victim][0] == worker and nodes[victim][-1] == head  # ... and ran it again on the head
+    assert_study_holds(output, [row["trial_id"] for row in _rows(output)])

@@ -72,7 +72,7 @@ def test_settable_fields_leave_out_mappings_and_required_fields():
     assert "hparams" not in config.settable_fields("train") and "bundle" not in config.settable_fields("serve")
     assert "space" not in config.settable_fields("search")
     setting = config.settable_fields("search")["algorithm"]
-    assert setting.default == "random" and setting.help.startswith('"random" (Tune')
+    assert setting.default == "random" and setting.help.startswith('"random" (Optuna')
     with pytest.raises(ValueError, match="choose from random, tpe"):
         setting.convert("grid")
     assert config.settable_fields("serve")["allowed_hosts"].convert(["a", "b"]) == ("a", "b")

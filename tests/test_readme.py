@@ -3,8 +3,10 @@ temporary `runs/` for the session; the runs other tests check too, README_RUN_FI
 tests/conftest.py, run once, whichever test asks first), and every `tensorboard --logdir` it
 shows serves what the run wrote."""
 
+import csv
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import (
-    README_RUN_FIXTURES, README_SETUP as SETUP, ROOT, free_port, readme_commands, run_readme_command,
+    ARTIFACTS, README_RUN_FIXTURES, README_SETUP as SETUP, ROOT, free_port, readme_commands, run_readme_command,
 )
 
 README = (ROOT / "README.md").read_text()
@@ -46,6 +48,8 @@ def test_readme_command(command, ray_cluster, runs, request):
 @pytest.mark.slow
 @pytest.mark.parametrize("logdir", re.findall(r"`tensorboard --logdir runs/(\S+)`", README))
 def test_tensorboard_command_serves_a_run(logdir, runs):
+    """Keras' curves (train and validation runs) or, under a search's tune/, Tune's HParams
+    view alone: one kind of run per folder."""
     assert (runs / logdir).is_dir(), "the README command that writes it runs first"
     port = free_port()
     server = subprocess.Popen(
@@ -54,13 +58,20 @@ def test_tensorboard_command_serves_a_run(logdir, runs):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline, found = time.time() + 90, []
-        while time.time() < deadline and not any("validation" in run for run in found):
+        tune = logdir.endswith("/tune")
+        deadline, found, plugins = time.time() + 90, [], {}
+        while time.time() < deadline and not (found and (tune or any("validation" in run for run in found))):
             try:
                 found = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5).read())
+                plugins = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugins_listing", timeout=5).read())
             except OSError:
                 time.sleep(1)
-        assert any("train" in run for run in found) and any("validation" in run for run in found), found
+        keras = [run for run in found if run.endswith(("train", "validation"))]
+        if tune:
+            assert found and plugins["hparams"]["enabled"] and not keras, (found, plugins)
+        else:
+            assert any("train" in run for run in found) and any("validation" in run for run in found), found
+            assert keras == found, found
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -81,6 +92,14 @@ def test_quick_pipeline_left_every_artefact(runs):
         for name in ("results.csv", "best.json", "final/metrics.json", "final/model.keras"):
             assert (quick / stage / name).exists(), f"{stage}/{name}"
     assert (quick / "report.html").stat().st_size > 10_000
+    # The hyperparameters' importance (PED-ANOVA over the completed trials) in best.json and the report.
+    report = (quick / "report.html").read_text()
+    for stage in ("cnn3v2", "head"):
+        importance = json.loads((quick / stage / "best.json").read_text())["importance"]
+        assert importance["evaluator"].startswith("PED-ANOVA")
+        if importance["values"]:
+            assert f"{stage} search: hyperparameter importance" in report
+            assert all(0 <= value <= 1 for value in importance["values"].values())
     summary = json.loads((quick / "pipeline.json").read_text())
     other = "cnn3v2" if summary["chosen"] == "head" else "head"
     assert summary["final"][summary["chosen"]]["validation"] >= summary["final"][other]["validation"]
@@ -94,3 +113,61 @@ def test_quick_pipeline_left_every_artefact(runs):
     photo = next(SAMPLE_DIR.glob("Images/n02085620-Chihuahua/*")).read_bytes()
     probabilities = bundle.predict([photo])
     assert probabilities.shape == (1, 6) and abs(float(probabilities.sum()) - 1) < 1e-4
+
+
+@pytest.mark.slow
+def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(runs):
+    """The README's `dogbreeds dashboard runs/quick`: optuna-dashboard lists the pipeline's two
+    studies with every trial of each search, draws both in headless Chromium, and refuses writes."""
+    import urllib.error
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from dogbreeds import cli
+    from tests.test_serve import BROWSER_ARGS
+
+    (command,) = [command for command in readme_commands("sh") if command.startswith("dashboard ")]
+    port = free_port()
+    argv = [arg.replace("runs/", f"{runs}/") for arg in shlex.split(command)] + ["--port", str(port)]
+    server = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", *argv], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}/dashboard" in server.stdout.readline()
+        api = f"http://127.0.0.1:{port}/api/studies"
+        studies = json.loads(urllib.request.urlopen(api, timeout=30).read())["study_summaries"]
+        assert sorted(study["study_name"] for study in studies) == ["cnn3v2", "head"]
+        for study in studies:
+            trials = json.loads(urllib.request.urlopen(f"{api}/{study['study_id']}?after=0", timeout=30).read())["trials"]
+            with open(runs / "quick" / study["study_name"] / "results.csv") as handle:
+                rows = list(csv.DictReader(handle))
+            ray_ids = [next(a["value"] for a in t["user_attrs"] if a["key"] == "ray_trial_id") for t in trials]
+            assert sorted(ray_ids) == sorted(row["trial_id"] for row in rows)
+            # The best trial carries the final model's error analysis as its note.
+            best = json.loads((runs / "quick" / study["study_name"] / "best.json").read_text())
+            notes = {ray_id: t["note"]["body"] for ray_id, t in zip(ray_ids, trials)}
+            assert f"Test top-1 **{best['final']['test']:.3f}**" in notes[best["trial_id"]]
+            assert "| true breed | predicted as |" in notes[best["trial_id"]]
+            assert [body for ray_id, body in notes.items() if ray_id != best["trial_id"] and body] == []
+            importances = json.loads(urllib.request.urlopen(f"{api}/{study['study_id']}/param_importances", timeout=60).read())
+            if best["importance"]["values"]:  # the report's and the dashboard's: one evaluator
+                assert {i["name"] for i in importances["param_importances"][0]} == set(best["importance"]["values"])
+        with pytest.raises(urllib.error.HTTPError, match="405"):
+            urllib.request.urlopen(urllib.request.Request(f"{api}/0", method="DELETE"), timeout=30)
+        ARTIFACTS.mkdir(exist_ok=True)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 800})
+                page.goto(f"http://127.0.0.1:{port}/dashboard")
+                page.get_by_text("cnn3v2", exact=True).first.wait_for(timeout=60_000)
+                page.get_by_text("head", exact=True).first.wait_for(timeout=60_000)
+                page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    # The cluster's command (README, Running on a cluster) is the same command on the run storage.
+    (remote,) = re.findall(r"--port-forward 8080 '(dogbreeds dashboard [^']+)'", README)
+    assert cli.build_parser().parse_args(shlex.split(remote)[1:]).command == "dashboard"

@@ -3,6 +3,7 @@ kind, killing and resuming a search, and a head trained on cached features again
 head trained end to end on the photos."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 from dogbreeds import cli, models, search, spaces
 from dogbreeds.config import DataConfig, TrainConfig
 from dogbreeds.search import SearchConfig
-from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR
+from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR, assert_study_holds, free_port
 
 SPACE_FILES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
@@ -25,36 +26,44 @@ def test_there_are_both_search_spaces():
     assert [p.stem for p in SPACE_FILES] == ["cnn3v2", "transfer_head"]
 
 
+def _samples(space, count, seed=0) -> list[dict]:
+    """`count` trials' values drawn from a checked space as a random search draws them."""
+    import optuna
+
+    study_ = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [spaces.suggest(space, study_.ask()) for _ in range(count)]
+
+
 @pytest.mark.parametrize("path", SPACE_FILES, ids=lambda p: p.stem)
 def test_space_file_parses_and_samples(path):
     text = path.read_text()
     assert text.startswith("#") and "dogbreeds search" in text.split("\nsearch:")[0]
-    hp, spec = search.load_space(path)
-    space = search.to_tune_space(hp)
-    assert set(space) == {p.name for p in hp.space}
-    model = spec.get("model", "mobilenet_025")
-    for _ in range(30):
-        config = {name: domain.sample() for name, domain in space.items()}
-        values = search.active_values(hp, config)
-        for parameter in hp.space:
-            settings = parameter.get_config()
-            if parameter.name in values and "min_value" in settings:
-                assert settings["min_value"] <= values[parameter.name] <= settings["max_value"] + 1e-9
+    space = search.check_space(path)
+    model = space.model or "mobilenet_025"
+    for values in _samples(space, 30):
+        for name, value in values.items():
+            options = space.hyperparameters[name]
+            if "min_value" in options:
+                assert options["min_value"] <= value <= options["max_value"] + 1e-9
+            if "values" in options:
+                assert value in options["values"]
         model_hparams, train_overrides = search.split_values(model, values)
         models.resolve_hparams(model, model_hparams)  # every key is the model's or training's
         assert set(train_overrides) <= {"learning_rate", "label_smoothing"}
 
 
-def test_conditions_leave_out_inactive_values():
-    hp, _ = search.load_space("transfer_head")
-    config = {"dropout_rate": 0.1, "hidden_layer": False, "hidden_units": 128, "learning_rate": 1e-3, "label_smoothing": 0.0}
-    assert "hidden_units" not in search.active_values(hp, config)
-    assert search.active_values(hp, {**config, "hidden_layer": True})["hidden_units"] == 128
+@pytest.mark.parametrize("name, child, parent", [("transfer_head", "hidden_units", "hidden_layer"),
+                                                 ("cnn3v2", "dropout_rate", "dropout_1")])
+def test_a_conditional_hyperparameter_is_sampled_only_when_its_parent_allows(name, child, parent):
+    samples = _samples(search.check_space(name), 40)
+    assert {values[parent] for values in samples} == {True, False}
+    for values in samples:
+        assert (child in values) == values[parent], values
 
 
 def test_unknown_space_lists_the_known_ones():
     with pytest.raises(ValueError, match="known: \\['cnn3v2', 'transfer_head'\\]"):
-        search.load_space("nope")
+        search.check_space("nope")
 
 
 def test_every_search_is_registered_with_its_default_space():
@@ -231,23 +240,49 @@ class _Result:
 
 
 def test_the_space_metric_chooses_the_best_trial(tmp_path):
-    hp = spaces.build_hyperparameters(search.check_space("transfer_head"))
-    config = {"dropout_rate": 0.1, "hidden_layer": False, "hidden_units": 64, "learning_rate": 1e-3, "label_smoothing": 0.0}
+    names = list(search.check_space("transfer_head").hyperparameters)
+    config = {"dropout_rate": 0.1, "hidden_layer": False, "learning_rate": 1e-3, "label_smoothing": 0.0}
     results = [  # the best accuracy is not the lowest loss
         _Result("a", [{"epoch": 1, "val_accuracy": 0.5, "val_loss": 1.2}, {"epoch": 2, "val_accuracy": 0.6, "val_loss": 1.1}], config),
         _Result("b", [{"epoch": 1, "val_accuracy": 0.4, "val_loss": 0.9}, {"epoch": 2, "val_accuracy": 0.45, "val_loss": 1.0}], config),
     ]
-    by_loss = search.write_results(results, hp, str(tmp_path), "head", "val_loss")
+    by_loss = search.write_results(results, names, str(tmp_path), "head", "val_loss")
     assert (by_loss["trial_id"], by_loss["metric"], by_loss["val_loss"]) == ("b", "val_loss", 0.9)
     assert by_loss["val_accuracy"] == 0.4  # the accuracy at the trial's best epoch by loss
     assert json.loads((tmp_path / "best.json").read_text()) == by_loss
-    by_accuracy = search.write_results(results, hp, str(tmp_path), "head")
+    by_accuracy = search.write_results(results, names, str(tmp_path), "head")
     assert (by_accuracy["trial_id"], by_accuracy["val_accuracy"]) == ("a", 0.6)
 
 
 def _rows(output):
     with open(output / "results.csv") as handle:
         return list(csv.DictReader(handle))
+
+
+def _check_study(output, rows):
+    """The search's Optuna study holds every Tune trial of results.csv exactly once, none left
+    running, with its epochs as intermediate values and its value the row's best; conditional
+    hyperparameters only where their parent is on. Returns the study."""
+    from dogbreeds import study
+
+    record = study.load(str(output), "search")
+    trials = [t for t in record.trials if t.user_attrs.get("ray_trial_id")]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(row["trial_id"] for row in rows)
+    assert not [t for t in record.trials if not t.state.is_finished()]
+    space = search.check_space(json.loads((output / "search.json").read_text())["space"]["path"])
+    by_id = {row["trial_id"]: row for row in rows}
+    for trial in trials:
+        row = by_id[trial.user_attrs["ray_trial_id"]]
+        assert trial.state.name in ("COMPLETE", "PRUNED"), trial
+        assert trial.user_attrs["node"] and trial.user_attrs["trial_dir"].endswith(row["trial_id"])
+        assert sorted(trial.intermediate_values) == list(range(1, int(row["epochs"]) + 1))
+        assert max(trial.intermediate_values.values()) == pytest.approx(float(row["val_accuracy"]))
+        assert (trial.state.name == "PRUNED") == ("pruned" in trial.user_attrs)
+        for name, options in space.hyperparameters.items():
+            if "conditions" in options:
+                (parent, allowed), = options["conditions"].items()
+                assert (name in trial.params) == (trial.params.get(parent) in allowed), trial.params
+    return record
 
 
 @pytest.mark.slow
@@ -259,6 +294,7 @@ def test_cnn3v2_search_of_two_trials(ray_cluster, readme_search_cnn3v2_dir):
     assert all(0 <= float(row["val_accuracy"]) <= 1 and row["hp_filters_1"] for row in rows)
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["val_accuracy"] == max(float(row["val_accuracy"]) for row in rows)
+    _check_study(tmp_path, rows)
     for row in rows:  # each trial a real Ray Train run, its curves kept even if ASHA stopped it
         trial = tmp_path / "trials" / row["trial_id"]
         history = json.loads((trial / "history.json").read_text())
@@ -287,6 +323,51 @@ def test_cnn3v2_search_of_two_trials(ray_cluster, readme_search_cnn3v2_dir):
         assert "ray/tune/val_accuracy" in accumulator.Tags()["scalars"]
 
 
+def _toy_trial(config):
+    """A Tune trial without TensorFlow: its accuracy grows with the learning rate, the hidden
+    layer and the epoch, so that ASHA has trials to stop."""
+    from ray import tune
+
+    for epoch in range(1, 5):
+        accuracy = min(1.0, config["learning_rate"] * 50 + 0.01 * epoch + (0.2 if config.get("hidden_layer") else 0))
+        tune.report({"val_accuracy": accuracy, "epoch": epoch})
+
+
+@pytest.mark.slow
+def test_a_search_is_an_optuna_study_and_extends(ray_cluster, tmp_path):
+    """Ray Tune's trials in the search's study: sampled define-by-run (a conditional
+    hyperparameter only where its parent is on), an intermediate value per epoch, those ASHA
+    stopped PRUNED; then 3 trials extended to 5 run exactly 2 new ones, on the same study."""
+    from ray import tune
+
+    from dogbreeds import study
+
+    space = search.check_space("transfer_head")
+    trainable = tune.with_resources(_toy_trial, {"CPU": 1})
+    config = SearchConfig(space="transfer_head", trials=3, scheduler="asha")
+    first = search.run_tuner(trainable, space, config, str(tmp_path), False, seed=0)
+    more = search.run_tuner(trainable, space, dataclasses.replace(config, trials=5), str(tmp_path), True, seed=0)
+    first_ids = {result.metrics["trial_id"] for result in first}
+    assert len(first) == 3 and len(more) == 5
+    record = study.load(str(tmp_path), "search")
+    trials = {t.user_attrs["ray_trial_id"]: t for t in record.trials}
+    assert len(record.trials) == len(trials) == 5 and first_ids < set(trials)
+    new = [t for trial_id, t in trials.items() if trial_id not in first_ids]
+    assert len(new) == 2 and all(t.params not in [o.params for o in record.trials if o not in new] for t in new)
+    states = {t.state.name for t in record.trials}
+    assert "PRUNED" in states and states <= {"COMPLETE", "PRUNED"}, states
+    for trial in record.trials:
+        assert ("hidden_units" in trial.params) == trial.params["hidden_layer"]
+        epochs = sorted(trial.intermediate_values)
+        assert epochs == list(range(1, trial.user_attrs["epochs"] + 1))
+        if trial.state.name == "PRUNED":
+            assert trial.user_attrs["pruned"].startswith("ASHA") and len(epochs) < 4
+        else:
+            assert len(epochs) == 4 and trial.value == max(trial.intermediate_values.values())
+    importance = study.importance(str(tmp_path), "search")
+    assert set(importance) <= set(space.hyperparameters) and importance["learning_rate"] == max(importance.values())
+
+
 def _head_argv(output, features_dir, cache_dir, trials, epochs="6"):
     return [
         "search", "head", "--backbone", "mobilenet_025", "--weights", str(MOBILENET_WEIGHTS),
@@ -309,6 +390,7 @@ def test_head_search(ray_cluster, readme_search_head_dir, head_features, cache_d
     output = readme_search_head_dir
     rows = _rows(output)
     assert len(rows) == json.loads((output / "search.json").read_text())["search"]["trials"] == 4
+    _check_study(output, rows)
     best = json.loads((output / "best.json").read_text())
     final = json.loads((output / "final" / "metrics.json").read_text())
     # The joined model (photo in, breed out) agrees with the head trained on features.
@@ -320,9 +402,9 @@ def test_head_search(ray_cluster, readme_search_head_dir, head_features, cache_d
     assert again["features"]["cached"] is True and best["features"]["cached"] is False
 
 
-def _finished_in_tune_state(output):
-    """Trial ids that Tune's own saved state records as finished."""
-    states = sorted((output / "tune" / "search").glob("experiment_state-*.json"))
+def _finished_in_tune_state(output, experiment="search"):
+    """Trial ids that Tune's own saved state of `experiment` records as finished."""
+    states = sorted((output / "tune" / experiment).glob("experiment_state-*.json"))
     if not states:
         return set()
     try:
@@ -334,10 +416,26 @@ def _finished_in_tune_state(output):
 
 @pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head_features, tmp_path):
-    """The search's driver is killed (with the local Ray it started); --resume finishes it."""
+    """The search's driver is killed (with the local Ray it started) while the dashboard shows
+    its study live; --resume finishes it, and with --trials 6 extends it by two new trials."""
     output = tmp_path / "run"
     argv = [sys.executable, "-m", "dogbreeds.cli", *_head_argv(output, head_features, cache_dir, 4, epochs="8")]
     driver = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # While it runs, the dashboard shows its study: finished trials and their epochs.
+    deadline = time.time() + 300
+    while time.time() < deadline and not (output / "study.journal").exists() and driver.poll() is None:
+        time.sleep(0.2)
+    port = free_port()
+    dashboard = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", "dashboard", str(output), "--port", str(port)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = _dashboard_trials(port, lambda trials: any(t["state"] == "Complete" for t in trials), driver)
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+    assert driver.poll() is None, "the search ended before the dashboard showed it"
+    finished_seen = [t for t in seen if t["state"] == "Complete"]
+    assert finished_seen and all(len(t["intermediate_values"]) == 8 for t in finished_seen), seen
     deadline = time.time() + 600
     while time.time() < deadline and len(_finished_in_tune_state(output)) < 2 and driver.poll() is None:
         time.sleep(0.2)
@@ -346,13 +444,36 @@ def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = {t: (output / "trials" / t / "head.weights.h5").stat().st_mtime_ns for t in finished}
-    resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(argv + ["--resume", "--trials", "6"], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = _rows(output)
-    assert len(rows) == 4 and len({row["trial_id"] for row in rows}) == 4
+    assert len(rows) == 6 and len({row["trial_id"] for row in rows}) == 6
     assert all(row["status"] == "done" for row in rows)
+    first = _finished_in_tune_state(output)
+    assert len(first) == 4 and len(_finished_in_tune_state(output, "search-2") - first) == 2
+    assert json.loads((output / "best.json").read_text())["trials"] == 6
     for trial_id, mtime in before.items():  # finished trials were not run again
         assert (output / "trials" / trial_id / "head.weights.h5").stat().st_mtime_ns == mtime
+    assert_study_holds(output, [row["trial_id"] for row in rows])
+
+
+def _dashboard_trials(port, enough, driver, timeout=600) -> list[dict]:
+    """The trials `dogbreeds dashboard` on `port` lists for its one study, polled through
+    optuna-dashboard's HTTP API until `enough(trials)` (or the search `driver` ends)."""
+    import urllib.request
+
+    deadline, trials = time.time() + timeout, []
+    while time.time() < deadline and driver.poll() is None and not enough(trials):
+        try:
+            studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10).read())
+            if studies["study_summaries"]:
+                (summary,) = studies["study_summaries"]
+                detail = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}?after=0", timeout=10)
+                trials = json.loads(detail.read())["trials"]
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return trials
 
 
 @pytest.mark.slow

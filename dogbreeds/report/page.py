@@ -269,6 +269,14 @@ def _search_sections(search: SearchRun, name: str, predictions: bool):
         body = markup.note("Each dot is a trial (its best validation accuracy); the star is the best trial.")
         body += '<div class="plot-grid">' + "".join(plots) + "</div>"
         sections.append(Section(f"{name}-hparams", f"{label}: accuracy by hyperparameter", body))
+    importance = (search.best or {}).get("importance") or {}
+    if importance.get("values"):
+        rows = [([escape(name), f'<span class="meter"><span style="width:{value * 100:.1f}%"></span></span>'
+                  f"{value:.2f}"], False) for name, value in importance["values"].items()]
+        body = markup.note(f"How much each hyperparameter mattered to the search's metric, over its "
+                           f"completed trials: {importance['evaluator']}, as optuna-dashboard shows it.")
+        sections.append(Section(f"{name}-importance", f"{label}: hyperparameter importance",
+                                body + markup.table(["hyperparameter", "importance"], rows, 1)))
     if results:
         table = _trials_table(results, hp_columns, best_id)
         sections.append(Section(f"{name}-trials", f"{label}: trials", table))
