@@ -160,8 +160,8 @@ def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(runs):
             try:
                 page = browser.new_page(viewport={"width": 1200, "height": 800})
                 page.goto(f"http://127.0.0.1:{port}/dashboard")
-                page.get_by_text("cnn3v2", exact=True).first.wait_for(timeout=60_000)
-                page.get_by_text("head", exact=True).first.wait_for(timeout=60_000)
+                for name in ("cnn3v2", "head"):  # the study list shows "<id>. <name>"
+                    page.get_by_text(re.compile(rf"^\d+\. {name}$")).wait_for(timeout=60_000)
                 page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             finally:
                 browser.close()

@@ -254,6 +254,21 @@ def test_the_space_metric_chooses_the_best_trial(tmp_path):
     assert (by_accuracy["trial_id"], by_accuracy["val_accuracy"]) == ("a", 0.6)
 
 
+def test_an_extended_search_retrains_final_only_if_its_best_trial_changed(tmp_path):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "metrics.json").write_text("{}")
+    earlier = {"trial_id": "a", "final": {"validation": 0.5, "test": 0.4}}
+    same = {"trial_id": "a"}
+    assert search._final_stands(str(tmp_path), earlier, same) and same["final"] == earlier["final"]
+    assert final.is_dir()  # the best trial's final model stands
+    unfinished = {"trial_id": "a"}  # a resumed search stopped while training final/: go on with it
+    assert not search._final_stands(str(tmp_path), {"trial_id": "a"}, unfinished) and final.is_dir()
+    other = {"trial_id": "b"}
+    assert not search._final_stands(str(tmp_path), earlier, other) and "final" not in other
+    assert not final.exists()  # another trial's final model: removed, to be trained afresh
+
+
 def _rows(output):
     with open(output / "results.csv") as handle:
         return list(csv.DictReader(handle))
