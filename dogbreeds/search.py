@@ -21,7 +21,8 @@ Which model a search trains has one owner per kind:
 
 A search directory (names in `runs.py`) holds `search.json` (its resolved configuration),
 `results.csv` (a row per trial), `best.json`, `trials/<id>/` (each trial's history and
-TensorBoard logs), `tune/` (Ray Tune's state, for `--resume`), `final/` (the best
+TensorBoard logs), `tune/` (Ray Tune's state, for `--resume`: `search/`, then each extension's
+`search-2/`, ...), `study.journal` (the search's Optuna study, study.py), `final/` (the best
 configuration as a training run, tested once) and `report.html`.
 """
 
