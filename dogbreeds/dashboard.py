@@ -23,16 +23,11 @@ from dogbreeds import runs
 TRIAL_ID_STRIDE = 1_000_000_000
 
 
-def _storage_base():
-    from optuna.storages import BaseStorage
-
-    return BaseStorage
-
-
 def run_studies(run_dir: str):
     """A read-only Optuna storage over every search's study under `run_dir`."""
+    from optuna.storages import BaseStorage
 
-    class RunStudies(_storage_base()):
+    class RunStudies(BaseStorage):
         def __init__(self):
             self.run_dir = os.path.abspath(run_dir)
             self.studies = []  # (name, storage, its study id in the file), in order found

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -396,3 +397,15 @@ def assert_study_holds(search_dir, trial_ids) -> None:
     assert not [t.number for t in record.trials if not t.state.is_finished()]
     finished = [t.user_attrs["ray_trial_id"] for t in record.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert sorted(finished) == sorted(trial_ids), (finished, trial_ids)
+
+
+def dashboard_studies(port: int) -> dict[str, list[dict]]:
+    """What `dogbreeds dashboard` on 127.0.0.1:`port` lists, through optuna-dashboard's HTTP
+    API: each study's name -> its trials (JSON: state, params, intermediate values, user attrs,
+    note, study_id)."""
+    api = f"http://127.0.0.1:{port}/api/studies"
+    studies = {}
+    for summary in json.loads(urllib.request.urlopen(api, timeout=30).read())["study_summaries"]:
+        detail = json.loads(urllib.request.urlopen(f"{api}/{summary['study_id']}?after=0", timeout=30).read())
+        studies[summary["study_name"]] = detail["trials"]
+    return studies

@@ -15,7 +15,8 @@ import urllib.request
 import pytest
 
 from tests.conftest import (
-    ARTIFACTS, README_RUN_FIXTURES, README_SETUP as SETUP, ROOT, free_port, readme_commands, run_readme_command,
+    ARTIFACTS, README_RUN_FIXTURES, README_SETUP as SETUP, ROOT, dashboard_studies, free_port, readme_commands,
+    run_readme_command,
 )
 
 README = (ROOT / "README.md").read_text()
@@ -135,21 +136,20 @@ def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(runs):
     try:
         assert f"http://127.0.0.1:{port}/dashboard" in server.stdout.readline()
         api = f"http://127.0.0.1:{port}/api/studies"
-        studies = json.loads(urllib.request.urlopen(api, timeout=30).read())["study_summaries"]
-        assert sorted(study["study_name"] for study in studies) == ["cnn3v2", "head"]
-        for study in studies:
-            trials = json.loads(urllib.request.urlopen(f"{api}/{study['study_id']}?after=0", timeout=30).read())["trials"]
-            with open(runs / "quick" / study["study_name"] / "results.csv") as handle:
+        studies = dashboard_studies(port)
+        assert sorted(studies) == ["cnn3v2", "head"]
+        for name, trials in studies.items():
+            with open(runs / "quick" / name / "results.csv") as handle:
                 rows = list(csv.DictReader(handle))
             ray_ids = [next(a["value"] for a in t["user_attrs"] if a["key"] == "ray_trial_id") for t in trials]
             assert sorted(ray_ids) == sorted(row["trial_id"] for row in rows)
             # The best trial carries the final model's error analysis as its note.
-            best = json.loads((runs / "quick" / study["study_name"] / "best.json").read_text())
+            best = json.loads((runs / "quick" / name / "best.json").read_text())
             notes = {ray_id: t["note"]["body"] for ray_id, t in zip(ray_ids, trials)}
             assert f"Test top-1 **{best['final']['test']:.3f}**" in notes[best["trial_id"]]
             assert "| true breed | predicted as |" in notes[best["trial_id"]]
             assert [body for ray_id, body in notes.items() if ray_id != best["trial_id"] and body] == []
-            importances = json.loads(urllib.request.urlopen(f"{api}/{study['study_id']}/param_importances", timeout=60).read())
+            importances = json.loads(urllib.request.urlopen(f"{api}/{trials[0]['study_id']}/param_importances", timeout=60).read())
             if best["importance"]["values"]:  # the report's and the dashboard's: one evaluator
                 assert {i["name"] for i in importances["param_importances"][0]} == set(best["importance"]["values"])
         with pytest.raises(urllib.error.HTTPError, match="405"):

@@ -17,7 +17,7 @@ import pytest
 from dogbreeds import cli, models, search, spaces
 from dogbreeds.config import DataConfig, TrainConfig
 from dogbreeds.search import SearchConfig
-from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR, assert_study_holds, free_port
+from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR, assert_study_holds, dashboard_studies, free_port
 
 SPACE_FILES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
@@ -280,10 +280,9 @@ def _check_study(output, rows):
     hyperparameters only where their parent is on. Returns the study."""
     from dogbreeds import study
 
+    assert_study_holds(output, [row["trial_id"] for row in rows])
     record = study.load(str(output), "search")
     trials = [t for t in record.trials if t.user_attrs.get("ray_trial_id")]
-    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(row["trial_id"] for row in rows)
-    assert not [t for t in record.trials if not t.state.is_finished()]
     space = search.check_space(json.loads((output / "search.json").read_text())["space"]["path"])
     by_id = {row["trial_id"]: row for row in rows}
     for trial in trials:
@@ -473,18 +472,14 @@ def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head
 
 
 def _dashboard_trials(port, enough, driver, timeout=600) -> list[dict]:
-    """The trials `dogbreeds dashboard` on `port` lists for its one study, polled through
-    optuna-dashboard's HTTP API until `enough(trials)` (or the search `driver` ends)."""
-    import urllib.request
-
+    """The trials `dogbreeds dashboard` on `port` lists for its one study, polled until
+    `enough(trials)` (or the search `driver` ends)."""
     deadline, trials = time.time() + timeout, []
     while time.time() < deadline and driver.poll() is None and not enough(trials):
         try:
-            studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10).read())
-            if studies["study_summaries"]:
-                (summary,) = studies["study_summaries"]
-                detail = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}?after=0", timeout=10)
-                trials = json.loads(detail.read())["trials"]
+            studies = dashboard_studies(port)
+            if studies:
+                (trials,) = studies.values()
         except OSError:
             pass
         time.sleep(0.5)
