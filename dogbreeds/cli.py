@@ -236,6 +236,11 @@ def _add_pipeline(commands) -> None:
     parser.add_argument("--profile", choices=["quick", "full"], default="quick",
                         help="quick: a laptop CPU in minutes; full: the study's settings. "
                         "An option given here overrides the profile's value in both searches")
+    parser.add_argument("--set", dest="stage_settings", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                        help="one search's setting, over the profile's and the options: STAGE cnn3v2 or head, "
+                        "FIELD any option's name, VALUE read as YAML (head.trials=6, cnn3v2.epochs=5); repeatable")
+    parser.add_argument("--backbone", help="the head search's transfer model (default: the profile's, "
+                        "mobilenet_025 in quick, xception in full; see `dogbreeds models`)")
     add_config_options(parser, "data")
     add_config_options(parser, "train", skip=("model",))
     add_config_options(parser, "search", skip=("space", "retrain_best"))  # it compares final models
@@ -478,10 +483,40 @@ def _write_report(output: str) -> None:
     write_report(output)
 
 
+def stage_settings(args) -> dict:
+    """`--set STAGE.FIELD=VALUE` (and `--backbone`) as {stage: {section: {field: value}}}, each
+    value read as YAML and checked as its option's would be (`seed` sets both of its fields)."""
+    import yaml
+
+    from dogbreeds import pipeline
+
+    stages = {}
+    for item in args.stage_settings:
+        key, equals, text = item.partition("=")
+        stage, dot, name = key.partition(".")
+        name = name.strip().replace("-", "_")
+        if not (equals and dot and name) or stage not in pipeline.STAGES:
+            raise ValueError(f"--set {item}: expected STAGE.FIELD=VALUE, STAGE one of {', '.join(pipeline.STAGES)}")
+        fields = [fields[name] for fields in args._fields.values() if name in fields]
+        if not fields:
+            known = sorted({name for fields in args._fields.values() for name in fields})
+            raise ValueError(f"--set {item}: unknown field {name!r}; known: {', '.join(known)}")
+        for setting in fields:
+            try:
+                value = setting.convert(yaml.safe_load(text) if text.strip() else text)
+            except (TypeError, ValueError, yaml.YAMLError) as error:
+                raise ValueError(f"--set {item}: {error}") from None
+            stages.setdefault(stage, {}).setdefault(setting.section, {})[name] = value
+    if args.backbone:
+        stages.setdefault("head", {}).setdefault("train", {})["model"] = args.backbone
+    return stages
+
+
 def command_pipeline(args) -> None:
     from dogbreeds import pipeline, search
 
     overrides = {section: settings(args, section) for section in ("data", "train", "search")}
+    overrides["stages"] = stage_settings(args)
     _data_config(args)  # --data-dir exists
     for stage, (stage_data, stage_train, stage_search) in pipeline.resolve_stages(args.profile, **overrides).items():
         search.check_space(stage_search.space, stage, stage_train.model if stage == "head" else None)
@@ -781,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         status, message = _run_command(args, verbose)
     finally:
         if noise_filter is not None:
+            _stop_ray()  # Ray prints its deduplicated workers' lines ("[repeated 3x ...]") as it stops
             noise_filter.close()
     if message:
         print(f"{_name(args)}: {message}", file=sys.stderr, flush=True)

@@ -7,7 +7,8 @@ the report.
 
 Each stage's configuration is resolved in one order: the classes' defaults, then the profile's
 values for that stage, then the caller's (the command line's and `--config`'s), which apply to
-both stages. The resolved configurations are written to pipeline.json before anything runs.
+both stages, then the caller's for one stage (`--set head.trials=6`, `--backbone`). The
+resolved configurations are written to pipeline.json before anything runs.
 """
 
 from __future__ import annotations
@@ -50,36 +51,47 @@ PROFILES = {
 }
 
 
+# The pipeline's stages, in the order they run (each profile sets both).
+STAGES = ("cnn3v2", "head")
+
+
 def resolve_stages(profile: str, data: dict | None = None, train: dict | None = None,
-                   search: dict | None = None) -> dict[str, tuple[DataConfig, TrainConfig, SearchConfig]]:
+                   search: dict | None = None, stages: dict | None = None,
+                   ) -> dict[str, tuple[DataConfig, TrainConfig, SearchConfig]]:
     """Each stage's (data, train, search) configuration: the profile's values over the
-    classes' defaults, and `data`, `train`, `search` (the caller's) over both."""
+    classes' defaults, `data`, `train`, `search` (the caller's) over both stages, and
+    `stages` ({stage: {section: {field: value}}}, the caller's for one stage) over that one."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
-    stages = {}
+    unknown = set(stages or {}) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage {sorted(unknown)[0]!r}; the pipeline's stages: {', '.join(STAGES)}")
+    resolved = {}
     for stage, (data_overrides, train_overrides, search_overrides) in PROFILES[profile].items():
-        stages[stage] = (
-            DataConfig(**{**data_overrides, **(data or {})}),
-            TrainConfig(**{**train_overrides, **(train or {})}),
-            SearchConfig(**{**search_overrides, **(search or {})}),
+        own = (stages or {}).get(stage, {})
+        resolved[stage] = (
+            DataConfig(**{**data_overrides, **(data or {}), **own.get("data", {})}),
+            TrainConfig(**{**train_overrides, **(train or {}), **own.get("train", {})}),
+            SearchConfig(**{**search_overrides, **(search or {}), **own.get("search", {})}),
         )
-    return stages
+    return resolved
 
 
 def run_pipeline(profile: str, output: str, data: dict | None = None, train: dict | None = None,
-                 search: dict | None = None, resume: bool = False, feature_actors: int = 1,
-                 gpus_per_actor: float = 0) -> dict:
+                 search: dict | None = None, stages: dict | None = None, resume: bool = False,
+                 feature_actors: int = 1, gpus_per_actor: float = 0) -> dict:
     """Run the whole study; returns where each artefact went (also in pipeline.json, with each
     stage's resolved configuration)."""
     from dogbreeds.export import export_bundle
     from dogbreeds.train import versions
 
-    stages = resolve_stages(profile, data, train, search)
+    overrides = {"data": data or {}, "train": train or {}, "search": search or {}, "stages": stages or {}}
+    stages = resolve_stages(profile, data, train, search, stages)
     output = os.path.abspath(output)
     os.makedirs(output, exist_ok=True)
     settings = {
         "profile": profile,
-        "overrides": {"data": data or {}, "train": train or {}, "search": search or {}},
+        "overrides": overrides,
         "stages": {stage: {"data": to_dict(d), "train": to_dict(t), "search": to_dict(s)}
                    for stage, (d, t, s) in stages.items()},
         "feature_actors": feature_actors,

@@ -3,6 +3,7 @@ one harness for the tests that start Ray clusters of their own with `ray start`,
 session's runs: the README's own (cnn3v2 from scratch, mobilenet_025 and its bundle, both
 searches), each run once for every module that checks it."""
 
+import csv
 import json
 import os
 import pathlib
@@ -343,11 +344,36 @@ def _readme_run(prefix: str, runs: pathlib.Path, blocks="bash") -> pathlib.Path:
 # README commands whose runs other tests check too: each runs once for the session, by the
 # fixture named here, whichever test asks first (tests/test_readme.py asks for it by name).
 README_RUN_FIXTURES = {
+    "pipeline --profile quick ": "quick_pipeline_dir",
+    "pipeline --resume ": "quick_pipeline_extended",
     "train mobilenet_025 ": "mobilenet_run_dir",
     "train cnn3v2 ": "cnn3v2_run_dir",
     "search cnn3v2 ": "readme_search_cnn3v2_dir",
     "search head ": "readme_search_head_dir",
 }
+
+
+@pytest.fixture(scope="session")
+def quick_pipeline_dir(ray_cluster, readme_runs) -> pathlib.Path:
+    """The README's main command, `dogbreeds pipeline --profile quick ... --output runs/quick`:
+    tests/test_readme.py checks its artefacts, its dashboard and its extension."""
+    return _readme_run("pipeline --profile quick ", readme_runs)
+
+
+@pytest.fixture(scope="session")
+def quick_pipeline_extended(quick_pipeline_dir, readme_runs) -> dict:
+    """The README's `dogbreeds pipeline --resume --set head.trials=6 ... --output runs/quick`,
+    run on the quick pipeline; returns what the pipeline held before: each search's results.csv
+    rows, best.json and its final/metrics.json's mtime."""
+    before = {}
+    for stage in ("cnn3v2", "head"):
+        search_dir = quick_pipeline_dir / stage
+        with open(search_dir / "results.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        before[stage] = {"rows": rows, "best": json.loads((search_dir / "best.json").read_text()),
+                         "final": (search_dir / "final" / "metrics.json").stat().st_mtime_ns}
+    _readme_run("pipeline --resume ", readme_runs)
+    return before
 
 
 @pytest.fixture(scope="session")
@@ -386,6 +412,18 @@ def mobilenet_bundle_dir(mobilenet_run_dir, readme_runs) -> str:
     """The README's `dogbreeds export runs/mobilenet --output runs/bundle`: the bundle the
     serving, attack and novelty tests serve (read-only for them)."""
     return str(_readme_run("export runs/mobilenet ", readme_runs, blocks="sh"))
+
+
+def finished_in_tune_state(search_dir, experiment="search") -> set[str]:
+    """Trial ids that Tune's own saved state of a search's `experiment` records as finished."""
+    states = sorted((search_dir / "tune" / experiment).glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    try:
+        trials = [json.loads(t[0]) for t in json.loads(states[-1].read_text())["trial_data"]]
+    except (ValueError, KeyError):  # being written
+        return set()
+    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
 def assert_study_holds(search_dir, trial_ids) -> None:

@@ -178,6 +178,28 @@ def test_pipeline_applies_image_size_and_options_to_both_searches():
     assert [stage[2].trials for stage in given.values()] == [1, 1]
 
 
+def test_pipeline_options_set_both_searches_and_set_one():
+    """`--trials` sets both searches', `--set STAGE.FIELD=VALUE` one search's (over it), `--backbone`
+    the head search's model; a value is read as YAML and checked as its option's."""
+    from dogbreeds import pipeline
+
+    args = cli.build_parser().parse_args([
+        "pipeline", "--output", "x", "--trials", "3", "--set", "head.trials=6", "--set", "cnn3v2.image-size=32",
+        "--set", "head.horizontal_flip=false", "--set", "cnn3v2.seed=7", "--backbone", "xception",
+    ])
+    stages = cli.stage_settings(args)
+    resolved = pipeline.resolve_stages("quick", search=cli.settings(args, "search"), stages=stages)
+    (cnn3v2_data, cnn3v2_train, cnn3v2_search), (head_data, head_train, head_search) = resolved.values()
+    assert (cnn3v2_search.trials, head_search.trials) == (3, 6)
+    assert (cnn3v2_data.image_size, head_data.image_size) == (32, 128)
+    assert head_data.horizontal_flip is False and cnn3v2_data.horizontal_flip is True
+    assert (cnn3v2_data.seed, cnn3v2_train.seed, head_data.seed) == (7, 7, 0)  # --seed's two fields
+    assert (cnn3v2_train.model, head_train.model) == ("cnn3v2", "xception")
+    for bad in ("head.trials", "tail.trials=1", "head.image_size=many"):
+        with pytest.raises(ValueError, match="--set"):
+            cli.stage_settings(cli.build_parser().parse_args(["pipeline", "--output", "x", "--set", bad]))
+
+
 def test_pipeline_writes_its_resolved_settings_first(tmp_path, monkeypatch):
     from dogbreeds import pipeline
 
@@ -237,6 +259,8 @@ def _error_cases(tmp_path):
         "config key": (["train", "cnn3v2", "--config", str(bad_config), "--output", str(tmp_path / "out")], "train.epochz"),
         "config section": (["train", "cnn3v2", "--config", str(bad_section), "--output", str(tmp_path / "out")], "trian"),
         "config syntax": (["train", "cnn3v2", "--config", _space(tmp_path, "cfg", "train: {epochs: 3\n"), "--output", "x"], "cfg.yaml"),
+        "set field": (["pipeline", "--set", "head.trails=6", "--output", str(tmp_path / "out")], "unknown field 'trails'"),
+        "set value": (["pipeline", "--set", "cnn3v2.trials=0", "--output", str(tmp_path / "out")], "at least 1"),
         "missing bundle": (["bench", "serve", str(tmp_path / "no_bundle"), "--data-dir", str(TINY_DIR)], "bundle not found"),
         "not a bundle": (["bench", "serve", str(not_a_bundle), "--data-dir", str(TINY_DIR)], "bundle"),
     }
@@ -244,7 +268,7 @@ def _error_cases(tmp_path):
 
 @pytest.mark.parametrize("case", ["yaml syntax", "unknown key", "no type", "no hyperparameters", "misspelled name",
                                   "wrong kind", "negative size", "empty data folder", "missing weights", "config key",
-                                  "config section", "config syntax", "missing bundle", "not a bundle"])
+                                  "config section", "config syntax", "set field", "set value", "missing bundle", "not a bundle"])
 def test_bad_inputs_are_one_line_before_ray_starts(case, tmp_path):
     argv, message = _error_cases(tmp_path)[case]
     start = time.monotonic()

@@ -79,7 +79,7 @@ def test_tensorboard_command_serves_a_run(logdir, runs):
 
 
 @pytest.mark.slow
-def test_quick_pipeline_left_every_artefact(runs):
+def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs):
     """The README's main command: both searches, the chosen model exported, the report."""
     import numpy as np
 
@@ -117,9 +117,40 @@ def test_quick_pipeline_left_every_artefact(runs):
 
 
 @pytest.mark.slow
-def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(runs):
+def test_pipeline_resume_with_more_trials_extends_one_search(quick_pipeline_extended, runs):
+    """The README's `pipeline --resume --set head.trials=6` on the quick pipeline: the head
+    search runs exactly 2 new trials (a second Tune experiment, on the same study) and keeps
+    its 4; the cnn3v2 search runs nothing; each final/ is retrained only if its best trial
+    changed; results.csv, best.json, the report and pipeline.json say so."""
+    from tests.conftest import assert_study_holds, finished_in_tune_state
+
+    quick = runs / "quick"
+    summary = json.loads((quick / "pipeline.json").read_text())
+    assert summary["settings"]["overrides"]["stages"] == {"head": {"search": {"trials": 6}}}
+    assert [summary["settings"]["stages"][stage]["search"]["trials"] for stage in ("cnn3v2", "head")] == [2, 6]
+    report = (quick / "report.html").read_text()
+    for stage, trials in (("cnn3v2", 2), ("head", 6)):
+        earlier = quick_pipeline_extended[stage]
+        with open(quick / stage / "results.csv") as handle:
+            rows = {row["trial_id"]: row for row in csv.DictReader(handle)}
+        assert len(rows) == trials and all(rows[row["trial_id"]] == row for row in earlier["rows"])
+        assert all(trial_id in report for trial_id in rows)
+        first = finished_in_tune_state(quick / stage)
+        assert first == {row["trial_id"] for row in earlier["rows"]}
+        assert finished_in_tune_state(quick / stage, "search-2") == set(rows) - first
+        assert_study_holds(quick / stage, list(rows))
+        best = json.loads((quick / stage / "best.json").read_text())
+        assert best["trials"] == trials
+        retrained = (quick / stage / "final" / "metrics.json").stat().st_mtime_ns != earlier["final"]
+        assert retrained == (best["trial_id"] != earlier["best"]["trial_id"]), (stage, best["trial_id"])
+    assert summary["final"]["head"] == json.loads((quick / "head" / "best.json").read_text())["final"]
+
+
+@pytest.mark.slow
+def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(quick_pipeline_extended, runs):
     """The README's `dogbreeds dashboard runs/quick`: optuna-dashboard lists the pipeline's two
-    studies with every trial of each search, draws both in headless Chromium, and refuses writes."""
+    studies with every trial of each search (its extension's too), draws both in headless
+    Chromium, and refuses writes."""
     import urllib.error
     import urllib.request
 

@@ -17,7 +17,9 @@ import pytest
 from dogbreeds import cli, models, search, spaces
 from dogbreeds.config import DataConfig, TrainConfig
 from dogbreeds.search import SearchConfig
-from tests.conftest import MOBILENET_WEIGHTS, ROOT, TINY_DIR, assert_study_holds, dashboard_studies, free_port
+from tests.conftest import (
+    MOBILENET_WEIGHTS, ROOT, TINY_DIR, assert_study_holds, dashboard_studies, finished_in_tune_state, free_port,
+)
 
 SPACE_FILES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
@@ -416,18 +418,6 @@ def test_head_search(ray_cluster, readme_search_head_dir, head_features, cache_d
     assert again["features"]["cached"] is True and best["features"]["cached"] is False
 
 
-def _finished_in_tune_state(output, experiment="search"):
-    """Trial ids that Tune's own saved state of `experiment` records as finished."""
-    states = sorted((output / "tune" / experiment).glob("experiment_state-*.json"))
-    if not states:
-        return set()
-    try:
-        trials = [json.loads(t[0]) for t in json.loads(states[-1].read_text())["trial_data"]]
-    except (ValueError, KeyError):  # being written
-        return set()
-    return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
-
-
 @pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head_features, tmp_path):
     """The search's driver is killed (with the local Ray it started) while the dashboard shows
@@ -451,9 +441,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head
     finished_seen = [t for t in seen if t["state"] == "Complete"]
     assert finished_seen and all(len(t["intermediate_values"]) == 8 for t in finished_seen), seen
     deadline = time.time() + 600
-    while time.time() < deadline and len(_finished_in_tune_state(output)) < 2 and driver.poll() is None:
+    while time.time() < deadline and len(finished_in_tune_state(output)) < 2 and driver.poll() is None:
         time.sleep(0.2)
-    finished = _finished_in_tune_state(output)
+    finished = finished_in_tune_state(output)
     assert len(finished) >= 2 and driver.poll() is None, "the search should be half way"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -463,8 +453,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head
     rows = _rows(output)
     assert len(rows) == 6 and len({row["trial_id"] for row in rows}) == 6
     assert all(row["status"] == "done" for row in rows)
-    first = _finished_in_tune_state(output)
-    assert len(first) == 4 and len(_finished_in_tune_state(output, "search-2") - first) == 2
+    first = finished_in_tune_state(output)
+    assert len(first) == 4 and len(finished_in_tune_state(output, "search-2") - first) == 2
     assert json.loads((output / "best.json").read_text())["trials"] == 6
     for trial_id, mtime in before.items():  # finished trials were not run again
         assert (output / "trials" / trial_id / "head.weights.h5").stat().st_mtime_ns == mtime
