@@ -83,8 +83,11 @@ def test_bench_pipeline_prints_and_writes_json(tmp_path, capsys, cache_dir):
     result = json.loads((output / "bench_pipeline.json").read_text())
     assert result["cache_dir"] == cache_dir  # --cache-dir is honoured
     assert result["num_files"] > 100 and result["skipped"] == 0
-    for key in ("bare_pil_loop_images_per_s", "pipeline_decode_images_per_s", "pipeline_cached_load_images_per_s"):
+    for key in ("bare_pil_loop_images_per_s", "pipeline_decode_images_per_s", "pipeline_cached_load_images_per_s",
+                "augmented_epoch_from_cache_images_per_s", "unaugmented_epoch_from_cache_images_per_s"):
         assert result[key] > 0
+    augmented, plain = result["augmented_epoch_from_cache_images_per_s"], result["unaugmented_epoch_from_cache_images_per_s"]
+    assert result["augmented_share_of_unaugmented"] == pytest.approx(augmented / plain, abs=1e-3)
     assert '"benchmark": "pipeline"' in capsys.readouterr().out
 
 

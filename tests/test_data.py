@@ -1,6 +1,7 @@
 """The data stage on real files: listing, splitting, every preprocessing op (eagerly and inside
 tf.data), odd image formats, corrupt files, the cache and the batches."""
 
+import dataclasses
 import io
 import json
 import os
@@ -68,6 +69,25 @@ def test_ops_do_what_they_say():
     np.testing.assert_array_equal(onehot, [0, 0, 0, 1, 0])
     with pytest.raises(ValueError, match="unknown preprocessing op"):
         data.build_ops("decode|sharpen(2)")
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.3, -1.2, 2.5])
+def test_rotation_maps_pixels_as_tensorflows_own_transform(angle):
+    """OpenCV's rotation (fast, outside the GIL) against TensorFlow's ImageProjectiveTransformV3
+    with Keras RandomRotation's mapping, on a real photo: the same image up to interpolation
+    rounding (a wrong sign, centre or edge mode is off by tens of levels)."""
+    photo = next(SAMPLE_DIR.glob("Images/n02085620-Chihuahua/*")).read_bytes()
+    image = data.decode_and_resize(photo, 96)[:, :80]  # not square: width and height not swapped
+    height, width = image.shape[:2]
+    cos, sin = np.cos(angle), np.sin(angle)
+    transform = tf.constant([[cos, -sin, ((width - 1) - (cos * (width - 1) - sin * (height - 1))) / 2,
+                              sin, cos, ((height - 1) - (sin * (width - 1) + cos * (height - 1))) / 2, 0, 0]],
+                            tf.float32)
+    expected = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(image, tf.float32)[None], transforms=transform, output_shape=[height, width],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")[0].numpy()
+    difference = np.abs(data.rotate_image(image, angle).astype(np.float32) - expected)
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) < 8, (difference.mean(), difference.max())
 
 
 def test_odd_formats_decode_to_rgb():
@@ -243,6 +263,16 @@ def test_batches_for_training_and_evaluation(cache_dir):
     # Fixed views: the same augmented images each epoch, in another order.
     assert np.isclose(sum(float(b[0].numpy().sum()) for b in training), sum(float(b[0].numpy().sum()) for b in again), rtol=1e-6)
     assert not np.array_equal(training[0][0].numpy(), again[0][0].numpy())
+    # On the fly (no fixed views): each pass draws new views of the same images, reproducibly.
+    on_the_fly = dataclasses.replace(config, augmented_views=0)
+
+    def pixel_sums(dataset):
+        return sorted(float(image.sum()) for batch in dataset for image in batch[0].numpy())
+
+    first, second = data.make_dataset(images, labels, 6, 64, on_the_fly, training=True), None
+    passes = [pixel_sums(first), pixel_sums(first)]
+    second = pixel_sums(data.make_dataset(images, labels, 6, 64, on_the_fly, training=True))
+    assert len(passes[0]) == len(images) and passes[0] != passes[1] and second == passes[0]
 
 
 def test_tfds_source_reads_stanford_dogs_records(tmp_path):
