@@ -214,10 +214,16 @@ def _add_search(commands) -> None:
         parser = _command(searches, name, kind.description, config_file=True)
         parser.add_argument("--space", default=kind.default_space, help=f"a search-space file (default: "
                             f"{kind.default_space}, search_spaces/{kind.default_space}.yaml)")
-        if kind.model_from_file:
+        if kind.model_from == "space":
             add_config_options(parser, "data")
             add_config_options(parser, "train", skip=("model",))
             add_config_options(parser, "search", skip=("space",))
+        elif kind.model_from == "head_search":  # the head search's model, its size and its head
+            parser.add_argument("--head-search", required=True, help="a finished head search (`search head`'s "
+                                "--output, or a pipeline's OUTPUT/head) whose best head is fine-tuned")
+            add_config_options(parser, "data", skip=("image_size", "augmented_views"))
+            add_config_options(parser, "train", skip=("model", "weights", "head_weights", "fine_tune_fraction"))
+            add_config_options(parser, "search", skip=("space", "retrain_best"))
         else:  # the backbone is the model; its features are computed once
             parser.add_argument("--backbone", dest="train.model", required=True, help="a transfer model (see "
                                 "`dogbreeds models`), whose frozen features the heads train on")
@@ -231,18 +237,20 @@ def _add_search(commands) -> None:
 
 def _add_pipeline(commands) -> None:
     parser = _command(
-        commands, "pipeline", "the study end to end: both searches, final models, bundle, report", config_file=True
+        commands, "pipeline", "the study end to end: the searches, fine-tuning, final models, bundle, report",
+        config_file=True
     )
     parser.add_argument("--profile", choices=["quick", "full"], default="quick",
                         help="quick: a laptop CPU in minutes; full: the study's settings. "
-                        "An option given here overrides the profile's value in both searches")
+                        "An option given here overrides the profile's value in every search")
     parser.add_argument("--set", dest="stage_settings", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                        help="one search's setting, over the profile's and the options: STAGE cnn3v2 or head, "
+                        help="one search's setting, over the profile's and the options: STAGE cnn3v2, head or fine_tune, "
                         "FIELD any option's name, VALUE read as YAML (head.trials=6, cnn3v2.epochs=5); repeatable")
     parser.add_argument("--backbone", help="the head search's transfer model (default: the profile's, "
                         "mobilenet_025 in quick, xception in full; see `dogbreeds models`)")
     add_config_options(parser, "data")
-    add_config_options(parser, "train", skip=("model",))
+    # Fine-tuning's own settings are searched (search_spaces/fine_tune.yaml), its head is the head search's.
+    add_config_options(parser, "train", skip=("model", "fine_tune_fraction", "head_weights"))
     add_config_options(parser, "search", skip=("space", "retrain_best"))  # it compares final models
     _add_feature_options(parser)
     _add_output_and_resume(parser, "run")
@@ -461,14 +469,20 @@ def command_search(args) -> None:
 
     data_config, search_config = _data_config(args), _search_config(args)
     kind = search.SEARCHES[args.search]
-    if kind.model_from_file:  # the space file names the model (cnn3v2)
+    if kind.model_from == "space":  # the space file names the model (cnn3v2)
         train_config = _train_config(args, model=search.check_space(search_config.space, args.search).model)
         options = {}
+    elif kind.model_from == "head_search":  # the head search's model (fine_tune)
+        train_config, options = _train_config(args), dict(head_search=args.head_search)
+        search.check_space(search_config.space, args.search)
     else:  # the backbone (--backbone) is the model; its features are computed once
         train_config = _train_config(args)
         search.check_space(search_config.space, args.search, train_config.model)
         options = dict(features_dir=args.features_dir, actors=args.feature_actors, gpus_per_actor=args.gpus_per_actor)
-    check_inputs(data_config, train_config.model, train_config.weights)
+    if kind.model_from == "head_search":
+        check_inputs(data_config)  # the model and its weights were checked by the head search
+    else:
+        check_inputs(data_config, train_config.model, train_config.weights)
     best = kind.run(data_config, train_config, search_config, args.output, resume=args.resume, **options)
     _write_report(args.output)
     print(f"best trial {best['trial_id']}: validation accuracy {best['val_accuracy']:.3f}, {best['hparams']}")

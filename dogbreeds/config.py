@@ -97,6 +97,11 @@ class TrainConfig:
     max_failures: int = 2
     # Seed of the weights' initialisation.
     seed: int = 0
+    # Fine-tuning a transfer model: the top fraction of its backbone's layers that train
+    # (BatchNorm stays frozen, in inference mode); 0 keeps the backbone frozen.
+    fine_tune_fraction: float = 0.0
+    # Fine-tuning: start from this head (a head search trial's head.weights.h5), not a new one.
+    head_weights: str | None = None
 
 
 # Below this top probability an answer is `unsure` instead of a breed (novelty.py's verdicts,
@@ -207,6 +212,9 @@ SECTIONS = {"data": lambda: DataConfig, "train": lambda: TrainConfig,
 CHOICES = {"search.algorithm": ("random", "tpe"), "search.scheduler": ("asha", "none")}
 
 # Counts where 0 or less means nothing: refused when read, before anything starts.
+# Fractions: refused outside [0, 1] when read.
+FRACTIONS = {"train.fine_tune_fraction"}
+
 POSITIVE = {"train.epochs", "train.workers", "train.per_worker_batch_size", "train.cpus_per_worker",
             "search.trials", "search.concurrent_trials"}
 
@@ -261,6 +269,8 @@ class Setting(NamedTuple):
             models.check_image_size(value)
         if self.dest in POSITIVE and value <= 0:
             raise ValueError(f"must be at least 1, got {value}")
+        if self.dest in FRACTIONS and not 0 <= value <= 1:
+            raise ValueError(f"must be between 0 and 1, got {value}")
         if self.dest in CHOICES and value not in CHOICES[self.dest]:
             raise ValueError(f"choose from {', '.join(CHOICES[self.dest])}, got {value!r}")
 

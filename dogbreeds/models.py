@@ -360,6 +360,24 @@ def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Mod
     return keras.Model(inputs, network(x, training=False), name=f"{name}_backbone")
 
 
+def unfreeze_top(model: keras.Model, fraction: float) -> int:
+    """Fine-tuning: make the top `fraction` of a transfer model's backbone layers trainable
+    (0: the backbone stays frozen). BatchNormalization layers stay frozen, and the backbone
+    runs in inference mode (`training=False`, see `build_backbone`), so their statistics are
+    ImageNet's. Returns how many layers now train."""
+    if not fraction:
+        return 0
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fine_tune_fraction must be in [0, 1], got {fraction}")
+    (network,) = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head"]
+    layers = [layer for layer in network.layers if layer.weights]
+    first = len(layers) - round(fraction * len(layers))
+    network.trainable = True
+    for position, layer in enumerate(layers):
+        layer.trainable = position >= first and not isinstance(layer, keras.layers.BatchNormalization)
+    return sum(layer.trainable for layer in layers)
+
+
 def _build_transfer(name: str):
     def build(hparams, num_classes, image_size, weights):
         backbone = build_backbone(name, image_size, weights)

@@ -1,6 +1,6 @@
-"""The study in one command: the cnn3v2 search, the transfer-head search, the final models
-tested once, the better one (by validation accuracy, never test) exported as a bundle, and
-the report.
+"""The study in one command: the cnn3v2 search, the transfer-head search, fine-tuning of the
+best head with the top of its backbone, the final models tested once, the best one (by
+validation accuracy, never test) exported as a bundle, and the report.
 
     run_pipeline("quick", "runs/quick", data={"data_dir": "../shared/data/tiny_dogs_64"},
                  train={"weights": "../shared/weights/mobilenet_2_5_224_tf_no_top.h5"})
@@ -13,14 +13,16 @@ resolved configurations are written to pipeline.json before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from dogbreeds import runs
 from dogbreeds.config import DataConfig, TrainConfig, to_dict
-from dogbreeds.search import SearchConfig, search_cnn3v2, search_head
+from dogbreeds.search import SearchConfig, search_cnn3v2, search_fine_tune, search_head
 
-# Each profile: the cnn3v2 search and the head search (its augmented views per photo in
-# `augmented_views`), as (data, train, search) overrides of the classes' defaults.
+# Each profile: the cnn3v2 search, the head search (its augmented views per photo in
+# `augmented_views`) and fine-tuning (its model, size and head are the head search's), as
+# (data, train, search) overrides of the classes' defaults.
 PROFILES = {
     # A laptop CPU in minutes: small images, a subset for the cnn3v2 search, few short trials.
     "quick": {
@@ -33,6 +35,12 @@ PROFILES = {
             {"image_size": 128, "augmented_views": 2},
             {"model": "mobilenet_025", "epochs": 10},
             {"space": "transfer_head", "trials": 4, "concurrent_trials": 2},
+        ),
+        "fine_tune": (
+            {},
+            {"epochs": 6, "workers": 1},
+            # No ASHA: a fine-tuned model's first epoch dips before it climbs.
+            {"space": "fine_tune", "trials": 2, "concurrent_trials": 2, "scheduler": "none"},
         ),
     },
     # The study's settings on a GPU cluster: 299x299, 20 epochs, all data, Xception.
@@ -47,12 +55,17 @@ PROFILES = {
             {"model": "xception", "epochs": 20, "gpus_per_worker": 0.25},
             {"space": "transfer_head", "trials": 32, "concurrent_trials": 8, "algorithm": "tpe"},
         ),
+        "fine_tune": (
+            {},
+            {"epochs": 10, "workers": 2, "gpus_per_worker": 1, "cpus_per_worker": 4},
+            {"space": "fine_tune", "trials": 4, "concurrent_trials": 1, "algorithm": "tpe", "scheduler": "none"},
+        ),
     },
 }
 
 
-# The pipeline's stages, in the order they run (each profile sets both).
-STAGES = ("cnn3v2", "head")
+# The pipeline's stages, in the order they run (each profile sets each).
+STAGES = ("cnn3v2", "head", "fine_tune")
 
 
 def resolve_stages(profile: str, data: dict | None = None, train: dict | None = None,
@@ -74,6 +87,13 @@ def resolve_stages(profile: str, data: dict | None = None, train: dict | None = 
             TrainConfig(**{**train_overrides, **(train or {}), **own.get("train", {})}),
             SearchConfig(**{**search_overrides, **(search or {}), **own.get("search", {})}),
         )
+    head_data, head_train, _ = resolved["head"]  # what fine-tuning starts from
+    fine_data, fine_train, fine_search = resolved["fine_tune"]
+    resolved["fine_tune"] = (
+        dataclasses.replace(fine_data, image_size=head_data.image_size, augmented_views=0),
+        dataclasses.replace(fine_train, model=head_train.model, weights=head_train.weights),
+        fine_search,
+    )
     return resolved
 
 
@@ -105,6 +125,8 @@ def run_pipeline(profile: str, output: str, data: dict | None = None, train: dic
         "head": search_head(*stages["head"], os.path.join(output, "head"), features_dir=os.path.join(output, runs.FEATURES),
                             actors=feature_actors, gpus_per_actor=gpus_per_actor, resume=resume),
     }
+    results["fine_tune"] = search_fine_tune(*stages["fine_tune"], os.path.join(output, "fine_tune"),
+                                            head_search=os.path.join(output, "head"), resume=resume)
     chosen = max(results, key=lambda stage: results[stage]["final"]["validation"])
     bundle_dir = os.path.join(output, runs.BUNDLE)
     bundle = export_bundle(os.path.join(output, chosen, runs.FINAL), bundle_dir)
@@ -114,8 +136,7 @@ def run_pipeline(profile: str, output: str, data: dict | None = None, train: dic
         "final": {stage: result["final"] for stage, result in results.items()},
         "bundle": {"path": bundle_dir, "name": bundle["name"], "version": bundle["version"]},
         "artefacts": {
-            "cnn3v2 search": os.path.join(output, "cnn3v2", runs.RESULTS),
-            "head search": os.path.join(output, "head", runs.RESULTS),
+            **{f"{stage} search": os.path.join(output, stage, runs.RESULTS) for stage in results},
             "best configurations": [os.path.join(output, stage, runs.BEST) for stage in results],
             "bundle": bundle_dir,
             "report": os.path.join(output, runs.REPORT),

@@ -1,10 +1,13 @@
-"""The two searches of the study on Ray Tune, and the best trial's way to a final model.
+"""The study's searches on Ray Tune, and the best trial's way to a final model.
 
 - `search_cnn3v2`: each trial is a Ray Train run (`run_training`, the Train V2 pattern: Tune
   calls a driver function that launches a `TensorflowTrainer`), on a subset of the data as in
   the study; the best configuration is then retrained on all of it and tested once.
 - `search_head`: the frozen backbone's features are computed once (`features.py`); every head
   trial trains on them, then the best head is joined to its backbone and tested end to end.
+- `search_fine_tune`: a head search's best head on its backbone, the top of the backbone
+  unfrozen; each trial a Ray Train run (how much unfrozen, the learning rate: the space's),
+  the best by validation tested once.
 
 A kind of search is registered once, in `SEARCHES` (its function, its default search-space
 file, and where its model comes from); the CLI builds its `search` subcommands from it.
@@ -17,7 +20,8 @@ the best trial, and its hyperparameters must all be known to the model or to Tra
 Which model a search trains has one owner per kind:
 - cnn3v2: the space file's `model:` names it (TrainConfig.model is replaced by it);
 - head: the file names no model; the backbone is TrainConfig.model (the CLI's `--backbone`),
-  which must be a transfer model.
+  which must be a transfer model;
+- fine_tune: the head search's (its backbone, weights, image size and best head).
 
 A search directory (names in `runs.py`) holds `search.json` (its resolved configuration),
 `results.csv` (a row per trial), `best.json`, `trials/<id>/` (each trial's history and
@@ -71,18 +75,19 @@ class SearchKind:
     run: Callable[..., dict]  # (data_config, train_config, search_config, output, ...) -> best
     default_space: str  # a packaged search space (search_spaces/<name>.yaml)
     description: str
-    # True: the space file's `model:` names the model; False: TrainConfig.model is a backbone.
-    model_from_file: bool
+    # Where the model comes from: "space" (the file's `model:`), "backbone" (TrainConfig.model,
+    # a transfer model: `--backbone`) or "head_search" (a finished head search's best head).
+    model_from: str
 
 
 SEARCHES: dict[str, SearchKind] = {}
 
 
-def register_search(name: str, *, default_space: str, description: str, model_from_file: bool):
+def register_search(name: str, *, default_space: str, description: str, model_from: str):
     """Register a search function under `name` (the space files' `search:` value)."""
 
     def decorator(run):
-        SEARCHES[name] = SearchKind(name, run, default_space, description, model_from_file)
+        SEARCHES[name] = SearchKind(name, run, default_space, description, model_from)
         return run
 
     return decorator
@@ -112,13 +117,17 @@ def check_space(space: str | os.PathLike, kind: str | None = None, model: str | 
             f"the file is for the {checked.search} search, not {kind} (its default space is "
             f"{SEARCHES[kind].default_space})",
         )
-    if SEARCHES[kind].model_from_file:
+    if SEARCHES[kind].model_from == "space":
         if checked.model is None:
             raise checked.error("model", f"missing: a {kind} search trains the model the file names; known: {', '.join(models.list_models())}")
         if checked.model not in models.list_models():
             raise checked.error("model", f"unknown model {checked.model!r}; known: {', '.join(models.list_models())}")
         names = _hyperparameter_names([checked.model])
         owner = checked.model
+    elif SEARCHES[kind].model_from == "head_search":
+        if checked.model is not None:
+            raise checked.error("model", f"a {kind} search trains the head search's model (--head-search): remove model:")
+        names, owner = _hyperparameter_names([]), "training (TrainConfig)"
     else:
         if checked.model is not None:
             raise checked.error("model", f"a {kind} search trains a head on the backbone it is given (--backbone): remove model:")
@@ -137,7 +146,7 @@ def transfer_models() -> list[str]:
 
 
 # TrainConfig fields a search space may not set: what a trial trains is decided above.
-_NOT_SEARCHABLE = ("model", "hparams")
+_NOT_SEARCHABLE = ("model", "hparams", "head_weights")
 
 
 def _hyperparameter_names(model_names: list[str]) -> set[str]:
@@ -316,7 +325,7 @@ def _number(row, name: str) -> float | None:
 # The cnn3v2 search: a Ray Train run per trial.
 
 
-def _cnn3v2_trial(config, *, data_config, train_config, trials_dir):
+def _training_trial(config, *, data_config, train_config, trials_dir):
     """One trial: a Ray Train run whose epochs are reported to Tune as they end."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -324,7 +333,7 @@ def _cnn3v2_trial(config, *, data_config, train_config, trials_dir):
     from dogbreeds.train import run_training
 
     model_hparams, overrides = split_values(train_config.model, config)
-    trial_config = dataclasses.replace(train_config, hparams=model_hparams, **overrides)
+    trial_config = dataclasses.replace(train_config, hparams={**train_config.hparams, **model_hparams}, **overrides)
     trial_dir = os.path.join(trials_dir, tune.get_context().get_trial_id())
     # resume=True: a retried or restored trial continues its Ray Train run from its checkpoint.
     run_training(data_config, trial_config, trial_dir, callbacks=[TuneReportCallback()],
@@ -388,7 +397,7 @@ def _release_stopped_runs(trials_dir: str):
 
 
 @register_search(
-    "cnn3v2", default_space="cnn3v2", model_from_file=True,
+    "cnn3v2", default_space="cnn3v2", model_from="space",
     description="the study's cnn3v2 search: a Ray Train run per trial",
 )
 def search_cnn3v2(
@@ -408,7 +417,7 @@ def search_cnn3v2(
     output = _start_search(output, data_config, train_config, search, space, resume)
     trials_dir = os.path.join(output, runs.TRIALS)
     trainable = tune.with_parameters(
-        _cnn3v2_trial, data_config=data_config, train_config=train_config,
+        _training_trial, data_config=data_config, train_config=train_config,
         trials_dir=trials_dir,
     )
     # The trial's driver only waits for its Ray Train workers, which hold the resources; a
@@ -502,7 +511,7 @@ def _head_trial(config, *, train_config, features, num_classes, trials_dir):
 
 
 @register_search(
-    "head", default_space="transfer_head", model_from_file=False,
+    "head", default_space="transfer_head", model_from="backbone",
     description="the transfer-head search on cached backbone features",
 )
 def search_head(
@@ -549,13 +558,20 @@ def search_head(
 def _join_best_head(output, best, index, data_config, train_config, image_size) -> dict:
     """The best head joined to its backbone as one Keras model (raw photo in, breed out),
     evaluated end to end, written as `final/` like a training run; returns its metrics."""
-    from dogbreeds import data, evaluate
-    from dogbreeds.train import versions
-
     trial_dir = runs.trial_dir(output, best["trial_id"])
     head_hparams, overrides = split_values(train_config.model, best["hparams"])
     model = models.create_model(train_config.model, index.num_classes, image_size, train_config.weights, head_hparams)
     model.get_layer("head").load_weights(os.path.join(trial_dir, runs.HEAD_WEIGHTS))
+    train_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
+    return _test_final(output, model, trial_dir, index, data_config, train_config, image_size)
+
+
+def _test_final(output, model, trial_dir, index, data_config, train_config, image_size) -> dict:
+    """The best trial's model evaluated on validation and, once, on test, written as `final/`
+    like a training run (with the trial's history); returns its metrics."""
+    from dogbreeds import data, evaluate
+    from dogbreeds.train import versions
+
     metrics = {"model": train_config.model, "image_size": image_size, "class_names": index.class_names}
     skipped = list(index.skipped)
     for split in ("validation", "test"):
@@ -563,14 +579,73 @@ def _join_best_head(output, best, index, data_config, train_config, image_size) 
         metrics[split], confusions = evaluate.evaluate_model(model, images, labels, index.class_names)
         skipped += split_skipped
     metrics["skipped"] = [list(item) for item in skipped]
-    config = {
-        "data": to_dict(data_config),
-        "train": to_dict(dataclasses.replace(train_config, hparams=head_hparams, **overrides)),
-        "versions": versions(),
-    }
+    config = {"data": to_dict(data_config), "train": to_dict(train_config), "versions": versions()}
     runs.write_final_run(
         os.path.join(output, runs.FINAL), model=model, metrics=metrics,
         history=runs.read_json(os.path.join(trial_dir, runs.HISTORY)), confusions=confusions,
         config=config,
     )
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: the head search's best head with the top of its backbone, on Ray Train.
+
+
+@register_search(
+    "fine_tune", default_space="fine_tune", model_from="head_search",
+    description="fine-tuning of a head search's best head and the top of its backbone, on Ray Train",
+)
+def search_fine_tune(
+    data_config: DataConfig, train_config: TrainConfig, search: SearchConfig, output: str,
+    head_search: str | None = None, resume: bool = False,
+) -> dict:
+    """Fine-tune the best head of the head search in `head_search` (the model, its backbone
+    weights, image size and head come from there; `train_config` says how to train): each
+    trial a Ray Train run from that head with the top `fine_tune_fraction` of the backbone
+    unfrozen, augmentation on the fly; the best trial by validation is tested once as
+    `final/`. Returns best.json's contents."""
+    from ray import tune
+
+    from dogbreeds import data
+    from dogbreeds.train import absolute_paths
+
+    space = check_space(search.space, "fine_tune")
+    if not head_search or not os.path.isfile(os.path.join(head_search, runs.BEST)):
+        raise ValueError(f"not a finished head search (no {runs.BEST}): {head_search}")
+    head_search = os.path.abspath(head_search)
+    head, head_best = runs.read_json(os.path.join(head_search, runs.SEARCH_CONFIG)), runs.read_json(os.path.join(head_search, runs.BEST))
+    backbone = head["train"]["model"]
+    head_hparams, overrides = split_values(backbone, head_best["hparams"])
+    overrides.pop("learning_rate", None)  # the head's; fine-tuning has its own
+    train_config = dataclasses.replace(
+        train_config, **overrides, model=backbone, weights=head["train"]["weights"], hparams=head_hparams,
+        head_weights=os.path.join(runs.trial_dir(head_search, head_best["trial_id"]), runs.HEAD_WEIGHTS),
+    )
+    # The head's size; a new view of each photo every epoch (not the head's fixed views).
+    data_config = dataclasses.replace(data_config, image_size=head["data"]["image_size"], augmented_views=0)
+    data_config, train_config = absolute_paths(data_config, train_config)
+    earlier = os.path.join(output, runs.SEARCH_CONFIG)
+    if resume and os.path.isfile(earlier) and runs.read_json(earlier)["train"]["head_weights"] != train_config.head_weights:
+        print(f"the head search's best head is now {head_best['trial_id']}: fine-tuning it afresh in {output}")
+        shutil.rmtree(output)
+    output = _start_search(output, data_config, train_config, search, space, resume)
+    trials_dir = os.path.join(output, runs.TRIALS)
+    trainable = tune.with_parameters(_training_trial, data_config=data_config, train_config=train_config,
+                                     trials_dir=trials_dir)
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})  # as search_cnn3v2's: Ray Train holds the CPUs
+    results = run_tuner(trainable, space, search, output, resume, data_config.seed,
+                        callbacks=[_release_stopped_runs(trials_dir)])
+    earlier = _earlier_best(output)
+    best = write_results(results, list(space.hyperparameters), output, "fine_tune", space.metric)
+    best["frozen_head"] = {"search": head_search, "trial_id": head_best["trial_id"], "final": head_best.get("final")}
+    if not _final_stands(output, earlier, best):
+        import tf_keras as keras
+
+        trial_dir = runs.trial_dir(output, best["trial_id"])
+        _, trial_overrides = split_values(backbone, best["hparams"])
+        index = data.load_index(data_config)
+        metrics = _test_final(output, keras.models.load_model(os.path.join(trial_dir, runs.MODEL)), trial_dir, index,
+                              data_config, dataclasses.replace(train_config, **trial_overrides), data_config.image_size)
+        best["final"] = {"validation": metrics["validation"]["top1"], "test": metrics["test"]["top1"]}
+    return _finish(output, best)

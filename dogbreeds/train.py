@@ -160,6 +160,9 @@ def _build_or_restore_model(strategy, train_config: TrainConfig, worker_data: Wo
             train_config.model, worker_data.index.num_classes, worker_data.image_size,
             train_config.weights, train_config.hparams,
         )
+        if train_config.head_weights:
+            model.get_layer("head").load_weights(train_config.head_weights)
+        models.unfreeze_top(model, train_config.fine_tune_fraction)
         compile_model(model, train_config)
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
@@ -275,7 +278,7 @@ def absolute_paths(data_config: DataConfig, train_config: TrainConfig):
     )
     if train_config.weights not in (None, "imagenet"):
         train_config = dataclasses.replace(train_config, weights=absolute(train_config.weights))
-    return data_config, train_config
+    return data_config, dataclasses.replace(train_config, head_weights=absolute(train_config.head_weights))
 
 
 def _save_state(directory: str, model, history: list) -> None:
@@ -345,6 +348,11 @@ def _check_before_ray(train_config: TrainConfig) -> None:
     models.resolve_hparams(train_config.model, train_config.hparams)
     if train_config.weights not in (None, "imagenet") and not os.path.isfile(train_config.weights):
         raise ValueError(f"weights file not found: {train_config.weights}")
+    transfer = models.get_model_spec(train_config.model).backbone is not None
+    if (train_config.fine_tune_fraction or train_config.head_weights) and not transfer:
+        raise ValueError(f"--fine-tune-fraction and --head-weights are for transfer models, not {train_config.model}")
+    if train_config.head_weights and not os.path.isfile(train_config.head_weights):
+        raise ValueError(f"head weights file not found: {train_config.head_weights}")
 
 
 def _start_run_dir(data_config: DataConfig, train_config: TrainConfig, run_dir: str, resume: bool) -> str:

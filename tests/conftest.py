@@ -366,7 +366,7 @@ def quick_pipeline_extended(quick_pipeline_dir, readme_runs) -> dict:
     run on the quick pipeline; returns what the pipeline held before: each search's results.csv
     rows, best.json and its final/metrics.json's mtime."""
     before = {}
-    for stage in ("cnn3v2", "head"):
+    for stage in ("cnn3v2", "head", "fine_tune"):
         search_dir = quick_pipeline_dir / stage
         with open(search_dir / "results.csv") as handle:
             rows = list(csv.DictReader(handle))

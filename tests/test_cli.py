@@ -170,15 +170,18 @@ def test_config_file_sets_fields_and_the_command_line_wins(tmp_path):
     assert cli._train_config(args, model="cnn3v2") == TrainConfig(epochs=4, label_smoothing=0.1, hparams={"filters_1": 8})
 
 
-def test_pipeline_applies_image_size_and_options_to_both_searches():
+def test_pipeline_applies_image_size_and_options_to_every_search():
     from dogbreeds import pipeline
 
     default = pipeline.resolve_stages("quick")
-    assert [stage[0].image_size for stage in default.values()] == [64, 128]
+    assert list(default) == list(pipeline.STAGES)
+    assert [stage[0].image_size for stage in default.values()] == [64, 128, 128]  # fine-tuning: the head's
     assert default["head"][0].augmented_views == 2  # the profile's views, in DataConfig
+    assert default["fine_tune"][0].augmented_views == 0  # a new view every epoch
+    assert default["fine_tune"][1].model == default["head"][1].model == "mobilenet_025"
     given = pipeline.resolve_stages("quick", data={"image_size": 96}, search={"trials": 1})
-    assert [stage[0].image_size for stage in given.values()] == [96, 96]
-    assert [stage[2].trials for stage in given.values()] == [1, 1]
+    assert [stage[0].image_size for stage in given.values()] == [96, 96, 96]
+    assert [stage[2].trials for stage in given.values()] == [1, 1, 1]
 
 
 def test_pipeline_options_set_both_searches_and_set_one():

@@ -88,6 +88,27 @@ def test_local_imagenet_weights_load_and_are_frozen():
     assert not np.array_equal(pretrained.get_weights()[0], random.get_weights()[0])
 
 
+def test_fine_tuning_unfreezes_the_top_of_the_backbone_but_not_batch_norm():
+    """unfreeze_top: the top fraction of the backbone's layers train, BatchNorm never does and
+    stays in inference mode (a training=True call gives the same output when dropout is off)."""
+    model = models.create_model("mobilenet_025", 6, 64, str(MOBILENET_WEIGHTS), {"dropout_rate": 0.0})
+    frozen = len(model.trainable_weights)
+    assert frozen == 2 and models.unfreeze_top(model, 0.0) == 0  # the head's kernel and bias
+    (network,) = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "head"]
+    layers = [layer for layer in network.layers if layer.weights]
+    trained = models.unfreeze_top(model, 0.5)
+    top, bottom = layers[len(layers) // 2 + 1:], layers[:len(layers) // 2 - 1]
+    assert trained > 0 and not any(layer.trainable for layer in bottom)
+    assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+    assert trained == sum(layer.trainable for layer in layers)
+    assert len(model.trainable_weights) == frozen + sum(len(layer.weights) for layer in layers if layer.trainable)
+    assert models.unfreeze_top(model, 1.0) == sum(not isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(model(images, training=True).numpy(), model(images, training=False).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="between 0 and 1|in \\[0, 1\\]"):
+        models.unfreeze_top(model, 1.5)
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="weights file not found"):
         models.create_model("mobilenet_025", weights=str(tmp_path / "nope.h5"))

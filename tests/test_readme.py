@@ -89,21 +89,28 @@ def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs):
     from tests.conftest import SAMPLE_DIR, TINY_DIR
 
     quick = runs / "quick"
-    for stage in ("cnn3v2", "head"):
+    for stage in ("cnn3v2", "head", "fine_tune"):
         for name in ("results.csv", "best.json", "final/metrics.json", "final/model.keras"):
             assert (quick / stage / name).exists(), f"{stage}/{name}"
     assert (quick / "report.html").stat().st_size > 10_000
     # The hyperparameters' importance (PED-ANOVA over the completed trials) in best.json and the report.
     report = (quick / "report.html").read_text()
-    for stage in ("cnn3v2", "head"):
+    for stage in ("cnn3v2", "head", "fine_tune"):
         importance = json.loads((quick / stage / "best.json").read_text())["importance"]
         assert importance["evaluator"].startswith("PED-ANOVA")
         if importance["values"]:
             assert f"{stage} search: hyperparameter importance" in report
             assert all(0 <= value <= 1 for value in importance["values"].values())
     summary = json.loads((quick / "pipeline.json").read_text())
-    other = "cnn3v2" if summary["chosen"] == "head" else "head"
-    assert summary["final"][summary["chosen"]]["validation"] >= summary["final"][other]["validation"]
+    validation = {stage: final["validation"] for stage, final in summary["final"].items()}
+    assert sorted(validation) == ["cnn3v2", "fine_tune", "head"]
+    assert validation[summary["chosen"]] == max(validation.values())
+    # Fine-tuning started from the head search's best head, the whole backbone or its top trained.
+    fine_tune = json.loads((quick / "fine_tune" / "search.json").read_text())["train"]
+    head_best = json.loads((quick / "head" / "best.json").read_text())["trial_id"]
+    assert fine_tune["head_weights"] == str(quick / "head" / "trials" / head_best / "head.weights.h5")
+    assert fine_tune["model"] == "mobilenet_025" and 0 < json.loads(
+        (quick / "fine_tune" / "final" / "config.json").read_text())["train"]["fine_tune_fraction"] <= 1
     # The head search trained on the profile's augmented views of every training photo.
     views = summary["settings"]["stages"]["head"]["data"]["augmented_views"]
     (train_features,) = (quick / "features").glob("*/train.npz")
@@ -121,7 +128,8 @@ def test_pipeline_resume_with_more_trials_extends_one_search(quick_pipeline_exte
     """The README's `pipeline --resume --set head.trials=6` on the quick pipeline: the head
     search runs exactly 2 new trials (a second Tune experiment, on the same study) and keeps
     its 4; the cnn3v2 search runs nothing; each final/ is retrained only if its best trial
-    changed; results.csv, best.json, the report and pipeline.json say so."""
+    changed, fine-tuning only if the best head did; results.csv, best.json, the report and
+    pipeline.json say so."""
     from tests.conftest import assert_study_holds, finished_in_tune_state
 
     quick = runs / "quick"
@@ -144,6 +152,15 @@ def test_pipeline_resume_with_more_trials_extends_one_search(quick_pipeline_exte
         retrained = (quick / stage / "final" / "metrics.json").stat().st_mtime_ns != earlier["final"]
         assert retrained == (best["trial_id"] != earlier["best"]["trial_id"]), (stage, best["trial_id"])
     assert summary["final"]["head"] == json.loads((quick / "head" / "best.json").read_text())["final"]
+    # Fine-tuning starts from the head search's best head: kept if that head is, redone if not.
+    head_best = json.loads((quick / "head" / "best.json").read_text())["trial_id"]
+    fine_tune = json.loads((quick / "fine_tune" / "best.json").read_text())
+    assert fine_tune["frozen_head"]["trial_id"] == head_best
+    with open(quick / "fine_tune" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    earlier = quick_pipeline_extended["fine_tune"]
+    assert (rows == earlier["rows"]) == (head_best == quick_pipeline_extended["head"]["best"]["trial_id"])
+    assert len(rows) == 2 and summary["final"]["fine_tune"] == fine_tune["final"]
 
 
 @pytest.mark.slow
@@ -168,7 +185,7 @@ def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(quick_pipeli
         assert f"http://127.0.0.1:{port}/dashboard" in server.stdout.readline()
         api = f"http://127.0.0.1:{port}/api/studies"
         studies = dashboard_studies(port)
-        assert sorted(studies) == ["cnn3v2", "head"]
+        assert sorted(studies) == ["cnn3v2", "fine_tune", "head"]
         for name, trials in studies.items():
             with open(runs / "quick" / name / "results.csv") as handle:
                 rows = list(csv.DictReader(handle))
@@ -191,7 +208,7 @@ def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(quick_pipeli
             try:
                 page = browser.new_page(viewport={"width": 1200, "height": 800})
                 page.goto(f"http://127.0.0.1:{port}/dashboard")
-                for name in ("cnn3v2", "head"):  # the study list shows "<id>. <name>"
+                for name in ("cnn3v2", "head", "fine_tune"):  # the study list shows "<id>. <name>"
                     page.get_by_text(re.compile(rf"^\d+\. {name}$")).wait_for(timeout=60_000)
                 page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             finally:

@@ -24,8 +24,8 @@ from tests.conftest import (
 SPACE_FILES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
 
-def test_there_are_both_search_spaces():
-    assert [p.stem for p in SPACE_FILES] == ["cnn3v2", "transfer_head"]
+def test_every_search_has_its_space_file():
+    assert [p.stem for p in SPACE_FILES] == ["cnn3v2", "fine_tune", "transfer_head"]
 
 
 def _samples(space, count, seed=0) -> list[dict]:
@@ -51,7 +51,7 @@ def test_space_file_parses_and_samples(path):
                 assert value in options["values"]
         model_hparams, train_overrides = search.split_values(model, values)
         models.resolve_hparams(model, model_hparams)  # every key is the model's or training's
-        assert set(train_overrides) <= {"learning_rate", "label_smoothing"}
+        assert set(train_overrides) <= {"learning_rate", "label_smoothing", "fine_tune_fraction"}
 
 
 @pytest.mark.parametrize("name, child, parent", [("transfer_head", "hidden_units", "hidden_layer"),
@@ -64,16 +64,17 @@ def test_a_conditional_hyperparameter_is_sampled_only_when_its_parent_allows(nam
 
 
 def test_unknown_space_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known: \\['cnn3v2', 'transfer_head'\\]"):
+    with pytest.raises(ValueError, match="known: \\['cnn3v2', 'fine_tune', 'transfer_head'\\]"):
         search.check_space("nope")
 
 
 def test_every_search_is_registered_with_its_default_space():
-    assert sorted(search.SEARCHES) == ["cnn3v2", "head"]
+    assert sorted(search.SEARCHES) == ["cnn3v2", "fine_tune", "head"]
     for kind, entry in search.SEARCHES.items():
         assert search.check_space(entry.default_space, kind).search == kind
     assert search.SEARCHES["cnn3v2"].run is search.search_cnn3v2
     assert search.SEARCHES["head"].run is search.search_head
+    assert search.SEARCHES["fine_tune"].run is search.search_fine_tune
 
 
 def test_the_space_file_decides_the_model_and_the_metric():
