@@ -248,6 +248,9 @@ def _add_pipeline(commands) -> None:
                         "FIELD any option's name, VALUE read as YAML (head.trials=6, cnn3v2.epochs=5); repeatable")
     parser.add_argument("--backbone", help="the head search's transfer model (default: the profile's, "
                         "mobilenet_025 in quick, xception in full; see `dogbreeds models`)")
+    parser.add_argument("--ladder", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train the study's ladder (cnn1, cnn3, cnn3v2 from scratch) for the comparison "
+                        "table (default: on in full, off in quick)")
     add_config_options(parser, "data")
     # Fine-tuning's own settings are searched (search_spaces/fine_tune.yaml), its head is the head search's.
     add_config_options(parser, "train", skip=("model", "fine_tune_fraction", "head_weights"))
@@ -537,12 +540,24 @@ def command_pipeline(args) -> None:
         check_inputs(stage_data, stage_train.model, stage_train.weights)
     summary = pipeline.run_pipeline(
         args.profile, args.output, resume=args.resume, feature_actors=args.feature_actors,
-        gpus_per_actor=args.gpus_per_actor, **overrides,
+        gpus_per_actor=args.gpus_per_actor, ladder=args.ladder, **overrides,
     )
     _write_report(args.output)
-    print(f"chosen: {summary['chosen']} (by validation accuracy); final models: {summary['final']}")
+    _print_table(summary["table"])
+    print(f"exported: {summary['chosen']} (the best on validation)")
     for name, path in summary["artefacts"].items():
         print(f"  {name:<20}{path}")
+
+
+def _print_table(rows: list[dict]) -> None:
+    """The pipeline's comparison table, as the report opens with it."""
+    print(f"{'model':<20}{'params':>12}{'trainable':>12}{'epochs':>7}{'train s':>9}{'img/s':>8}"
+          f"{'val top-1':>10}{'top-1':>7}{'top-5':>7}{'prec.':>7}{'recall':>7}")
+    for row in rows:
+        speed = "—" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}"
+        print(f"{row['name']:<20}{row['total_params']:>12,}{row['trainable_params']:>12,}{row['epochs'] or 0:>7}"
+              f"{row['train_seconds'] or 0:>9.1f}{speed:>8}{row['validation_top1']:>10.3f}{row['test_top1']:>7.3f}"
+              f"{row['test_top5']:>7.3f}{row['test_precision']:>7.3f}{row['test_recall']:>7.3f}")
 
 
 def command_export(args) -> None:

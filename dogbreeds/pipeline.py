@@ -97,16 +97,24 @@ def resolve_stages(profile: str, data: dict | None = None, train: dict | None = 
     return resolved
 
 
+# The study's ladder of CNNs from scratch, with its hyperparameters (the registry's defaults),
+# trained on the cnn3v2 stage's data and settings without its subset; on by default in these
+# profiles (`--ladder/--no-ladder`).
+LADDER = ("cnn1", "cnn3", "cnn3v2")
+LADDER_BY_DEFAULT = {"quick": False, "full": True}
+
+
 def run_pipeline(profile: str, output: str, data: dict | None = None, train: dict | None = None,
                  search: dict | None = None, stages: dict | None = None, resume: bool = False,
-                 feature_actors: int = 1, gpus_per_actor: float = 0) -> dict:
-    """Run the whole study; returns where each artefact went (also in pipeline.json, with each
-    stage's resolved configuration)."""
+                 feature_actors: int = 1, gpus_per_actor: float = 0, ladder: bool | None = None) -> dict:
+    """Run the whole study; returns where each artefact went and the comparison table (also in
+    pipeline.json, with each stage's resolved configuration)."""
     from dogbreeds.export import export_bundle
     from dogbreeds.train import versions
 
     overrides = {"data": data or {}, "train": train or {}, "search": search or {}, "stages": stages or {}}
     stages = resolve_stages(profile, data, train, search, stages)
+    ladder = LADDER_BY_DEFAULT[profile] if ladder is None else ladder
     output = os.path.abspath(output)
     os.makedirs(output, exist_ok=True)
     settings = {
@@ -114,6 +122,7 @@ def run_pipeline(profile: str, output: str, data: dict | None = None, train: dic
         "overrides": overrides,
         "stages": {stage: {"data": to_dict(d), "train": to_dict(t), "search": to_dict(s)}
                    for stage, (d, t, s) in stages.items()},
+        "ladder": list(LADDER) if ladder else [],
         "feature_actors": feature_actors,
         "gpus_per_actor": gpus_per_actor,
         "versions": versions(),
@@ -127,6 +136,7 @@ def run_pipeline(profile: str, output: str, data: dict | None = None, train: dic
     }
     results["fine_tune"] = search_fine_tune(*stages["fine_tune"], os.path.join(output, "fine_tune"),
                                             head_search=os.path.join(output, "head"), resume=resume)
+    ladder_dirs = train_ladder(*stages["cnn3v2"][:2], output, resume) if ladder else {}
     chosen = max(results, key=lambda stage: results[stage]["final"]["validation"])
     bundle_dir = os.path.join(output, runs.BUNDLE)
     bundle = export_bundle(os.path.join(output, chosen, runs.FINAL), bundle_dir)
@@ -134,10 +144,12 @@ def run_pipeline(profile: str, output: str, data: dict | None = None, train: dic
         "profile": profile,
         "chosen": chosen,
         "final": {stage: result["final"] for stage, result in results.items()},
+        "table": comparison(output, ladder_dirs, chosen),
         "bundle": {"path": bundle_dir, "name": bundle["name"], "version": bundle["version"]},
         "artefacts": {
             **{f"{stage} search": os.path.join(output, stage, runs.RESULTS) for stage in results},
             "best configurations": [os.path.join(output, stage, runs.BEST) for stage in results],
+            **({"ladder": os.path.join(output, runs.LADDER)} if ladder else {}),
             "bundle": bundle_dir,
             "report": os.path.join(output, runs.REPORT),
             "tensorboard": f"tensorboard --logdir {output}",
@@ -146,3 +158,55 @@ def run_pipeline(profile: str, output: str, data: dict | None = None, train: dic
     }
     runs.write_json(os.path.join(output, runs.PIPELINE), summary)
     return summary
+
+
+def train_ladder(data_config: DataConfig, train_config: TrainConfig, output: str, resume: bool) -> dict[str, str]:
+    """The study's CNNs (`LADDER`) from scratch with its hyperparameters, each a Ray Train run
+    (OUTPUT/ladder/<model>/) on all the training data, tested once; {model: run directory}.
+    `resume` continues unfinished runs and keeps finished ones."""
+    from dogbreeds.train import run_training
+
+    data_config = dataclasses.replace(data_config, subset_per_class=None, subset_fraction=None)
+    run_dirs = {name: os.path.join(output, runs.LADDER, name) for name in LADDER}
+    for name, run_dir in run_dirs.items():
+        if not (resume and os.path.isfile(os.path.join(run_dir, runs.METRICS))):
+            run_training(data_config, dataclasses.replace(train_config, model=name, hparams={}), run_dir,
+                         resume=resume)
+    return run_dirs
+
+
+# What each row of the comparison table is, by where its final model lives.
+HOW = {
+    "ladder": "from scratch, the study's hyperparameters",
+    "cnn3v2": "cnn3v2, tuned (the search's best, retrained)",
+    "head": "frozen backbone, searched head",
+    "fine_tune": "fine-tuned: the best head and the top of its backbone",
+}
+
+
+def comparison(output: str, ladder_dirs: dict[str, str], chosen: str) -> list[dict]:
+    """The study's table: a row per final model (the ladder's, the tuned cnn3v2, the frozen
+    head, the fine-tuned model) with its parameters, epochs, training time and speed, and its
+    test top-1, top-5 and macro precision and recall. Training time is the final model's own
+    (a head's: its trial on cached features, which cost `features` seconds once)."""
+    import tf_keras as keras
+
+    finals = {**{f"{name} (ladder)": (run_dir, "ladder") for name, run_dir in ladder_dirs.items()},
+              **{stage: (os.path.join(output, stage, runs.FINAL), stage) for stage in STAGES}}
+    rows = []
+    for name, (run_dir, kind) in finals.items():
+        metrics = runs.read_json(os.path.join(run_dir, runs.METRICS))
+        model = keras.models.load_model(os.path.join(run_dir, runs.MODEL), compile=False)
+        epochs, seconds = metrics.get("epochs_run"), metrics.get("train_seconds")
+        examples = metrics.get("num_train_images")
+        rows.append({
+            "name": name, "model": metrics["model"], "how": HOW[kind], "exported": name == chosen,
+            "total_params": model.count_params(),
+            "trainable_params": int(sum(keras.backend.count_params(w) for w in model.trainable_weights)),
+            "epochs": epochs, "train_seconds": seconds,
+            "images_per_s": round(examples * epochs / seconds, 1) if examples and epochs and seconds else None,
+            "validation_top1": metrics["validation"]["top1"],
+            **{f"test_{key}": metrics["test"][key] for key in ("top1", "top5", "precision", "recall")},
+            "run": run_dir,
+        })
+    return rows

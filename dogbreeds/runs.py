@@ -54,7 +54,8 @@ REPORT = "report.html"  # `dogbreeds report`'s page, beside what it reports
 # ---------------------------------------------------------------------------------------------
 # A pipeline (pipeline.py).
 
-PIPELINE = "pipeline.json"  # which search's final model was exported, and why
+PIPELINE = "pipeline.json"  # which search's final model was exported, and why; the comparison table
+LADDER = "ladder"  # a pipeline's study ladder (folder): one training run per model
 BUNDLE = "bundle"  # the exported bundle (folder; export.py owns its contents)
 
 

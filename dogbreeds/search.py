@@ -298,6 +298,8 @@ def write_results(results, names: list[str], output: str, search_name: str,
         metric: best_row[metric],
         "val_accuracy": best_row["val_accuracy"],
         "hparams": {k[3:]: v for k, v in best_row.items() if k.startswith("hp_") and v is not None},
+        "seconds": best_row["seconds"],
+        "epochs": best_row["epochs"],
         "trials": len(rows),
     }
     runs.write_json(os.path.join(output, runs.BEST), best)
@@ -460,9 +462,11 @@ def _final_stands(output: str, earlier: dict, best: dict) -> bool:
 
 
 def fit_head(values: dict, train_config: TrainConfig, features: dict, num_classes: int,
-             trial_dir: str, report=None):
+             trial_dir: str, report=None, metric: str = spaces.DEFAULT_METRIC):
     """Train one head on cached features with the study's setup; returns (head, history).
 
+    The trial keeps its best epoch's head by `metric` (the epoch results.csv reports, as Keras
+    Tuner keeps each trial's best checkpoint), so the joined model is the one that was chosen.
     `report(row)` is called after each epoch (a Tune trial reports to Tune with it)."""
     import numpy as np
     import tf_keras as keras
@@ -491,15 +495,18 @@ def fit_head(values: dict, train_config: TrainConfig, features: dict, num_classe
         batch_size=train_config.per_worker_batch_size,
         epochs=train_config.epochs,
         validation_data=(validation["features"], keras.utils.to_categorical(validation["labels"], num_classes)),
-        callbacks=build_callbacks(train_config, os.path.join(trial_dir, runs.TENSORBOARD)) + [Report()],
+        callbacks=build_callbacks(train_config, os.path.join(trial_dir, runs.TENSORBOARD)) + [
+            keras.callbacks.ModelCheckpoint(os.path.join(trial_dir, runs.HEAD_WEIGHTS), monitor=metric,
+                                            mode=spaces.METRICS[metric], save_best_only=True, save_weights_only=True),
+            Report(),
+        ],
         verbose=0,
     )
-    head.save_weights(os.path.join(trial_dir, runs.HEAD_WEIGHTS))
     runs.write_json(os.path.join(trial_dir, runs.HISTORY), history)
     return head, history
 
 
-def _head_trial(config, *, train_config, features, num_classes, trials_dir):
+def _head_trial(config, *, train_config, features, num_classes, trials_dir, metric):
     """One head trial, in the Tune trial's own process: the head is a few hundred thousand
     parameters on a feature matrix, where a Ray Train worker group would cost more than the
     training itself."""
@@ -507,7 +514,7 @@ def _head_trial(config, *, train_config, features, num_classes, trials_dir):
 
     trial_dir = os.path.join(trials_dir, tune.get_context().get_trial_id())
     os.makedirs(trial_dir, exist_ok=True)
-    fit_head(config, train_config, features, num_classes, trial_dir, tune.report)
+    fit_head(config, train_config, features, num_classes, trial_dir, tune.report, metric)
 
 
 @register_search(
@@ -541,8 +548,8 @@ def search_head(
     )
     print(f"features: {'reused' if features['cached'] else 'computed'} in {features['seconds']} s: {os.path.dirname(features['train'])}")
     trainable = tune.with_parameters(
-        _head_trial, train_config=train_config, features=features,
-        num_classes=index.num_classes, trials_dir=os.path.join(output, runs.TRIALS),
+        _head_trial, train_config=train_config, features=features, num_classes=index.num_classes,
+        trials_dir=os.path.join(output, runs.TRIALS), metric=space.metric,
     )
     trainable = tune.with_resources(trainable, {"CPU": train_config.cpus_per_worker, "GPU": train_config.gpus_per_worker})
     results = run_tuner(trainable, space, search, output, resume, data_config.seed)
@@ -563,16 +570,20 @@ def _join_best_head(output, best, index, data_config, train_config, image_size) 
     model = models.create_model(train_config.model, index.num_classes, image_size, train_config.weights, head_hparams)
     model.get_layer("head").load_weights(os.path.join(trial_dir, runs.HEAD_WEIGHTS))
     train_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
-    return _test_final(output, model, trial_dir, index, data_config, train_config, image_size)
+    history = runs.read_json(os.path.join(trial_dir, runs.HISTORY))
+    facts = {"epochs_run": len(history), "train_seconds": best["seconds"],  # on the cached features
+             "num_train_images": len(index.splits["train"]) * max(data_config.augmented_views, 1)}
+    return _test_final(output, model, trial_dir, index, data_config, train_config, image_size, facts)
 
 
-def _test_final(output, model, trial_dir, index, data_config, train_config, image_size) -> dict:
+def _test_final(output, model, trial_dir, index, data_config, train_config, image_size, facts: dict) -> dict:
     """The best trial's model evaluated on validation and, once, on test, written as `final/`
-    like a training run (with the trial's history); returns its metrics."""
+    like a training run (with the trial's history and `facts`: epochs_run, train_seconds,
+    num_train_images); returns its metrics."""
     from dogbreeds import data, evaluate
     from dogbreeds.train import versions
 
-    metrics = {"model": train_config.model, "image_size": image_size, "class_names": index.class_names}
+    metrics = {"model": train_config.model, "image_size": image_size, "class_names": index.class_names, **facts}
     skipped = list(index.skipped)
     for split in ("validation", "test"):
         images, labels, split_skipped = data.load_images(index.splits[split], image_size, data_config)
@@ -614,7 +625,8 @@ def search_fine_tune(
     if not head_search or not os.path.isfile(os.path.join(head_search, runs.BEST)):
         raise ValueError(f"not a finished head search (no {runs.BEST}): {head_search}")
     head_search = os.path.abspath(head_search)
-    head, head_best = runs.read_json(os.path.join(head_search, runs.SEARCH_CONFIG)), runs.read_json(os.path.join(head_search, runs.BEST))
+    head = runs.read_json(os.path.join(head_search, runs.SEARCH_CONFIG))
+    head_best = runs.read_json(os.path.join(head_search, runs.BEST))
     backbone = head["train"]["model"]
     head_hparams, overrides = split_values(backbone, head_best["hparams"])
     overrides.pop("learning_rate", None)  # the head's; fine-tuning has its own
@@ -645,7 +657,10 @@ def search_fine_tune(
         trial_dir = runs.trial_dir(output, best["trial_id"])
         _, trial_overrides = split_values(backbone, best["hparams"])
         index = data.load_index(data_config)
+        trained = runs.read_json(os.path.join(trial_dir, runs.METRICS))
+        facts = {key: trained[key] for key in ("epochs_run", "train_seconds", "num_train_images", "workers")}
         metrics = _test_final(output, keras.models.load_model(os.path.join(trial_dir, runs.MODEL)), trial_dir, index,
-                              data_config, dataclasses.replace(train_config, **trial_overrides), data_config.image_size)
+                              data_config, dataclasses.replace(train_config, **trial_overrides), data_config.image_size,
+                              facts)
         best["final"] = {"validation": metrics["validation"]["top1"], "test": metrics["test"]["top1"]}
     return _finish(output, best)

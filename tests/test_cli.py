@@ -184,7 +184,7 @@ def test_pipeline_applies_image_size_and_options_to_every_search():
     assert [stage[2].trials for stage in given.values()] == [1, 1, 1]
 
 
-def test_pipeline_options_set_both_searches_and_set_one():
+def test_pipeline_options_set_every_search_and_set_one():
     """`--trials` sets both searches', `--set STAGE.FIELD=VALUE` one search's (over it), `--backbone`
     the head search's model; a value is read as YAML and checked as its option's."""
     from dogbreeds import pipeline
@@ -195,7 +195,7 @@ def test_pipeline_options_set_both_searches_and_set_one():
     ])
     stages = cli.stage_settings(args)
     resolved = pipeline.resolve_stages("quick", search=cli.settings(args, "search"), stages=stages)
-    (cnn3v2_data, cnn3v2_train, cnn3v2_search), (head_data, head_train, head_search) = resolved.values()
+    (cnn3v2_data, cnn3v2_train, cnn3v2_search), (head_data, head_train, head_search) = list(resolved.values())[:2]
     assert (cnn3v2_search.trials, head_search.trials) == (3, 6)
     assert (cnn3v2_data.image_size, head_data.image_size) == (32, 128)
     assert head_data.horizontal_flip is False and cnn3v2_data.horizontal_flip is True
@@ -220,6 +220,10 @@ def test_pipeline_writes_its_resolved_settings_first(tmp_path, monkeypatch):
     assert settings["stages"]["head"]["data"]["image_size"] == 48
     assert settings["stages"]["head"]["train"]["model"] == "mobilenet_025"
     assert settings["stages"]["cnn3v2"]["search"]["space"] == "cnn3v2"
+    assert settings["ladder"] == []  # off by default in the quick profile, on in the full one
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline("full", str(tmp_path / "full"))
+    assert json.loads((tmp_path / "full" / "pipeline.json").read_text())["settings"]["ladder"] == list(pipeline.LADDER)
 
 
 # ---------------------------------------------------------------------------------------------

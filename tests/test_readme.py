@@ -79,8 +79,9 @@ def test_tensorboard_command_serves_a_run(logdir, runs):
 
 
 @pytest.mark.slow
-def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs):
-    """The README's main command: both searches, the chosen model exported, the report."""
+def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
+    """The README's main command: the searches, fine-tuning, the ladder, the study's table, the
+    chosen model exported, the report."""
     import numpy as np
 
     from dogbreeds import data
@@ -116,6 +117,21 @@ def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs):
     (train_features,) = (quick / "features").glob("*/train.npz")
     train_photos = len(data.load_index(DataConfig(data_dir=str(TINY_DIR))).splits["train"])
     assert views == 2 and np.load(train_features)["features"].shape[0] == views * train_photos
+    # The study's table: every final model, tested once, with what it cost.
+    table = {row["name"]: row for row in summary["table"]}
+    assert list(table) == ["cnn1 (ladder)", "cnn3 (ladder)", "cnn3v2 (ladder)", "cnn3v2", "head", "fine_tune"]
+    for name, row in table.items():
+        run_dir = quick / ("ladder/" + name.split()[0] if "ladder" in name else f"{name}/final")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert row["test_top1"] == metrics["test"]["top1"] and row["validation_top1"] == metrics["validation"]["top1"]
+        assert 0 < row["trainable_params"] <= row["total_params"] and row["epochs"] >= 1 and row["images_per_s"] > 0
+        assert row["exported"] == (name == summary["chosen"]) and name in report
+    assert table["head"]["trainable_params"] < table["fine_tune"]["trainable_params"] < table["fine_tune"]["total_params"]
+    assert "Comparison of the final models" in report
+    from dogbreeds import cli
+
+    cli._print_table(summary["table"])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == [n.split()[0] for n in table]
     bundle = load_bundle(str(quick / "bundle"))
     assert bundle.info["version"] == summary["bundle"]["version"] and len(bundle.class_names) == 6
     photo = next(SAMPLE_DIR.glob("Images/n02085620-Chihuahua/*")).read_bytes()

@@ -135,4 +135,4 @@ def test_an_installed_copy_reads_its_search_spaces(wheel, tmp_path):
     package, space_file, loaded = result.stdout.splitlines()
     assert package.startswith(str(target))
     assert space_file == str(target / "dogbreeds" / "search_spaces" / "cnn3v2.yaml")
-    assert loaded == "cnn3v2 ['cnn3v2', 'transfer_head']"
+    assert loaded == "cnn3v2 ['cnn3v2', 'fine_tune', 'transfer_head']"

@@ -410,8 +410,9 @@ def test_head_search(ray_cluster, readme_search_head_dir, head_features, cache_d
     _check_study(output, rows)
     best = json.loads((output / "best.json").read_text())
     final = json.loads((output / "final" / "metrics.json").read_text())
-    # The joined model (photo in, breed out) agrees with the head trained on features.
-    assert abs(final["validation"]["top1"] - best["val_accuracy"]) < 0.02
+    # The joined model (photo in, breed out) is the chosen epoch's head: it agrees with the head
+    # trained on features to a photo or two (240 validation photos).
+    assert abs(final["validation"]["top1"] - best["val_accuracy"]) < 0.01
     assert final["test"]["top1"] > 0.35  # chance is 1/6
     # A second search over the same data reuses the features.
     assert cli.main(_head_argv(tmp_path / "again", head_features, cache_dir, 1)) == 0

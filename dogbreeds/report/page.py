@@ -11,7 +11,7 @@ from dogbreeds import runs
 from dogbreeds.report import markup
 from dogbreeds.report.photos import PHOTOS_PER_BREED, breed_photos, predict_samples, thumbnail
 from dogbreeds.report.plots import (
-    format_value, plot_breed_accuracy, plot_hyperparameter, plot_training_curves, plot_trial_curves,
+    format_value, plot_breed_accuracy, plot_comparison, plot_hyperparameter, plot_training_curves, plot_trial_curves,
 )
 from dogbreeds.report.run import Run, SearchRun, TrainingRun, read_run
 
@@ -46,6 +46,8 @@ def write_report(run_dir: str, output: str | None = None, predictions: bool = Tr
 def render_report(run: Run, predictions: bool = True) -> str:
     """The HTML page of a run read by `read_run`."""
     sections = []
+    if (run.pipeline or {}).get("table"):
+        sections.append(_comparison_section(run.pipeline["table"]))
     if run.bundle:
         sections += _bundle_sections(run.bundle, run.searches, run.pipeline)
     if run.search:
@@ -356,6 +358,25 @@ def _trials_table(results: list[dict], hp_columns: list[str], best_id: str | Non
     head += [column[3:] for column in hp_columns]
     note = markup.note("Sorted by validation accuracy; the best trial is highlighted.")
     return note + markup.table(head, rows, 2)
+
+
+def _comparison_section(table: list[dict]) -> Section:
+    """The study's table: every final model of the pipeline (the ladder's too, if trained)."""
+    def number(value, pattern="{:,}"):
+        return "—" if value is None else pattern.format(value)
+
+    rows = [([escape(row["name"]), escape(row["how"]), number(row["total_params"]), number(row["trainable_params"]),
+              number(row["epochs"]), markup.duration(row["train_seconds"]) if row["train_seconds"] else "—",
+              number(row["images_per_s"], "{:,.0f}"), markup.percent(row["validation_top1"]),
+              *(markup.percent(row[f"test_{key}"]) for key in ("top1", "top5", "precision", "recall"))],
+             row["exported"]) for row in table]
+    head = ["model", "how", "parameters", "trainable", "epochs", "training", "images/s", "val top-1",
+            "test top-1", "test top-5", "precision", "recall"]
+    body = markup.note("Each final model once on the test split; the exported one (highlighted) was chosen by "
+                       "validation accuracy. Training time and images/s are the final model's own training "
+                       "(a frozen head's: on cached features); precision and recall are macro averages.")
+    body += markup.table(head, rows, 2) + markup.image(plot_comparison(table), "test accuracy per model")
+    return Section("comparison", "Comparison of the final models", body)
 
 
 def _bundle_sections(bundle: dict, searches: dict[str, SearchRun], pipeline: dict | None):

@@ -177,6 +177,25 @@ def plot_breed_accuracy(per_breed_accuracy: dict[str, float], overall: float | N
     return _to_plot(figure)
 
 
+def plot_comparison(rows: list[dict]) -> Plot:
+    """The pipeline's final models side by side: test top-1 (dark) and top-5 (light) per model,
+    in the table's order, the exported one in the `best` colour."""
+    names = [row["name"] for row in rows][::-1]
+    figure, (ax,) = _new_figure(6.4, 0.8 + 0.34 * len(rows))
+    for position, row in enumerate(rows[::-1]):
+        colour = COLORS["best"] if row["exported"] else COLORS["train"]
+        ax.barh(position, row["test_top5"], height=0.72, color=colour, alpha=0.25)
+        ax.barh(position, row["test_top1"], height=0.72, color=colour)
+        ax.text(row["test_top1"] + 0.01, position, f"{row['test_top1']:.1%}", va="center", fontsize=7, color="#1f2933")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlim(0, 1.05)
+    ax.grid(axis="y", visible=False)
+    ax.tick_params(axis="y", labelsize=8, length=0)
+    ax.set_xlabel("test accuracy: top-1 (dark), top-5 (light)", fontsize=8)
+    _percent_axis(ax.xaxis)
+    return _to_plot(figure)
+
+
 def format_value(value) -> str:
     """A hyperparameter or metric as people read it."""
     if value is None:
