@@ -72,7 +72,7 @@ def resolve_stages(profile: str, data: dict | None = None, train: dict | None = 
                    search: dict | None = None, stages: dict | None = None,
                    ) -> dict[str, tuple[DataConfig, TrainConfig, SearchConfig]]:
     """Each stage's (data, train, search) configuration: the profile's values over the
-    classes' defaults, `data`, `train`, `search` (the caller's) over both stages, and
+    classes' defaults, `data`, `train`, `search` (the caller's) over every stage, and
     `stages` ({stage: {section: {field: value}}}, the caller's for one stage) over that one."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")

@@ -188,7 +188,7 @@ def _start_search(output: str, data_config: DataConfig, train_config: TrainConfi
 
 
 # ---------------------------------------------------------------------------------------------
-# The Tune side, common to both searches.
+# The Tune side, common to every search.
 
 
 def run_tuner(trainable, space: spaces.SearchSpace, search: SearchConfig, output: str, resume: bool,
