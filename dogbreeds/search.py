@@ -324,7 +324,7 @@ def _number(row, name: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The cnn3v2 search: a Ray Train run per trial.
+# Searches whose trials are Ray Train runs (cnn3v2, fine_tune): the trial, and freeing a stopped one.
 
 
 def _training_trial(config, *, data_config, train_config, trials_dir):
