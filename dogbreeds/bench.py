@@ -10,6 +10,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -102,6 +103,44 @@ def _time_cold_decode(split: data.Split, image_size: int, config: DataConfig):
     return result, seconds
 
 
+class ObjectStorePeak:
+    """The most the cluster's object store held while the block ran, above what it held when
+    the block began: a thread reads the raylets' own counter (what `ray memory --stats-only`
+    prints) every `interval` seconds.
+
+        with ObjectStorePeak() as store:
+            ...
+        store.peak  # bytes
+    """
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak = interval, 0
+        self._done = threading.Event()
+
+    def _used(self) -> int:
+        from ray._private.internal_api import get_memory_info_reply
+
+        return get_memory_info_reply(self._state).store_stats.object_store_bytes_used
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, self._used() - self._before)
+
+    def __enter__(self) -> "ObjectStorePeak":
+        import ray
+        from ray._private.internal_api import get_state_from_address
+
+        self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self._before = self._used()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def bench_heads(data_config: DataConfig, model: str, weights, image_size: int | None, views: int,
                 trials: int, epochs: int) -> dict:
     """The same head trials (hyperparameters, epochs, augmented views) trained on cached
@@ -131,7 +170,8 @@ def bench_heads(data_config: DataConfig, model: str, weights, image_size: int | 
 
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        features = cache_features(index, model, weights, image_size, views, data_config, os.path.join(scratch, "features"))
+        with ObjectStorePeak() as store:
+            features = cache_features(index, model, weights, image_size, views, data_config, os.path.join(scratch, "features"))
         cache_seconds = time.perf_counter() - started
         cached_seconds, cached_accuracy = _time_cached_trials(configs, train_config, features, index.num_classes, scratch)
         end_to_end_seconds, end_to_end_accuracy = _time_end_to_end_trials(
@@ -150,6 +190,9 @@ def bench_heads(data_config: DataConfig, model: str, weights, image_size: int | 
         "num_train_images": len(train[0]),
         "cpu_count": os.cpu_count(),
         "feature_cache_seconds": round(cache_seconds, 2),
+        # The feature job streams photos in blocks: its peak against the decoded split.
+        "feature_job_object_store_peak_mb": round(store.peak / 2**20, 1),
+        "decoded_train_photos_mb": round(train[0].nbytes / 2**20, 1),
         "cached_trials_seconds": round(cached_total, 2),
         "end_to_end_trials_seconds": round(end_to_end_total, 2),
         "speedup_trials": round(end_to_end_total / cached_total, 1),
@@ -256,7 +299,7 @@ def _time_tune_train_trial(values: dict, train_config, data_config: DataConfig, 
     trainable = tune.with_parameters(_tune_train_trial, data_config=data_config, train_config=trial_config, run_dir=os.path.join(scratch, "tune_train"))
     started = time.perf_counter()
     results = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": 0.01}),
+        tune.with_resources(trainable, search.TRAIN_TRIAL_RESOURCES),
         run_config=tune.RunConfig(storage_path=os.path.join(scratch, "tune"), name="bench"),
     ).fit()
     seconds = time.perf_counter() - started

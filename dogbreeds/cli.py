@@ -251,6 +251,9 @@ def _add_pipeline(commands) -> None:
     parser.add_argument("--ladder", action=argparse.BooleanOptionalAction, default=None,
                         help="also train the study's ladder (cnn1, cnn3, cnn3v2 from scratch) for the comparison "
                         "table (default: on in full, off in quick)")
+    parser.add_argument("--compare-backbones", metavar="NAME,...", type=lambda text: tuple(filter(None, text.split(","))),
+                        help="a frozen head searched on each of these transfer models too, for the comparison table "
+                        "(default: resnet50v2 in full, none in quick; '' for none)")
     add_config_options(parser, "data")
     # Fine-tuning's own settings are searched (search_spaces/fine_tune.yaml), its head is the head search's.
     add_config_options(parser, "train", skip=("model", "fine_tune_fraction", "head_weights"))
@@ -535,12 +538,15 @@ def command_pipeline(args) -> None:
     overrides = {section: settings(args, section) for section in ("data", "train", "search")}
     overrides["stages"] = stage_settings(args)
     _data_config(args)  # --data-dir exists
-    for stage, (stage_data, stage_train, stage_search) in pipeline.resolve_stages(args.profile, **overrides).items():
-        search.check_space(stage_search.space, stage, stage_train.model if stage == "head" else None)
+    stages = pipeline.resolve_stages(args.profile, **overrides, compare_backbones=args.compare_backbones)
+    for stage, (stage_data, stage_train, stage_search) in stages.items():
+        kind = "head" if stage.startswith("head") else stage  # head_<backbone>: a compared backbone's
+        search.check_space(stage_search.space, kind, stage_train.model if kind == "head" else None)
         check_inputs(stage_data, stage_train.model, stage_train.weights)
     summary = pipeline.run_pipeline(
         args.profile, args.output, resume=args.resume, feature_actors=args.feature_actors,
-        gpus_per_actor=args.gpus_per_actor, ladder=args.ladder, **overrides,
+        gpus_per_actor=args.gpus_per_actor, ladder=args.ladder, compare_backbones=args.compare_backbones,
+        **overrides,
     )
     _write_report(args.output)
     _print_table(summary["table"])

@@ -466,16 +466,16 @@ def load_images(
             except FileNotFoundError:  # another worker removed it first
                 pass
     progress = Progress(f"decoding {what}", len(part))
-    images, kept, skipped = _decode_all(part, image_size, tfds_dir or config.tfds_dir, progress)
+    images, kept, skipped = decode_photos(part, image_size, tfds_dir or config.tfds_dir, progress)
     if len(part) and not len(kept):
-        raise ValueError(f"no photo of {what} decodes: {_describe_skipped(skipped)}")
+        raise ValueError(f"no photo of {what} decodes: {describe_skipped(skipped)}")
     labels = part.labels[kept]
     os.makedirs(config.cache_dir, exist_ok=True)
     temporary = f"{cache_path}.{os.getpid()}.tmp.npz"
     np.savez(temporary, images=images, labels=labels, skipped=json.dumps(skipped))
     os.replace(temporary, cache_path)  # atomic: concurrent workers never read half a file
     logger.info("decoded %s: %s photos at %d px in %.1f s, %d skipped%s", what, f"{len(kept):,}", image_size,
-                progress.seconds, len(skipped), f" ({_describe_skipped(skipped)})" if skipped else "")
+                progress.seconds, len(skipped), f" ({describe_skipped(skipped)})" if skipped else "")
     return images, labels, skipped
 
 
@@ -494,7 +494,7 @@ def _read_cache(path: str, count: int, image_size: int):
     return images, labels.astype(np.int32), skipped
 
 
-def _describe_skipped(skipped: list[tuple[str, str]]) -> str:
+def describe_skipped(skipped: list[tuple[str, str]]) -> str:
     """`3 truncated JPEG image, 1 empty file; first: a.jpg (truncated JPEG image)`: one line
     about a non-empty list of skipped files."""
     counts: dict[str, int] = {}
@@ -531,18 +531,20 @@ def _read_bytes(split: Split, tfds_dir: str | None) -> tf.data.Dataset:
     records = tf.constant(sorted(record_to_position), tf.int64)
     positions = tf.constant([record_to_position[r] for r in sorted(record_to_position)], tf.int64)
     table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(records, positions), -1)
+    # Only the records' span is read: a block of the feature job reads its block, not the split.
+    first, last = min(record_to_position), max(record_to_position)
     dataset = tfds.load(
-        TFDS_NAME, split=tfds_split, data_dir=tfds_dir, shuffle_files=False,
+        TFDS_NAME, split=f"{tfds_split}[{first}:{last + 1}]", data_dir=tfds_dir, shuffle_files=False,
         decoders={"image": tfds.decode.SkipDecoding()},
     )
     return (
-        dataset.enumerate()
+        dataset.enumerate(start=first)
         .map(lambda i, record: (table.lookup(i), record["image"]))
         .filter(lambda position, image: position >= 0)
     )
 
 
-def _decode_all(split: Split, image_size: int, tfds_dir: str | None, progress: Progress | None = None):
+def decode_photos(split: Split, image_size: int, tfds_dir: str | None, progress: Progress | None = None):
     """Decode in parallel, skipping what fails; returns (images, kept positions, skipped)."""
     decode_resize = _decode_resize_fn(image_size)
     decoded = (

@@ -2,7 +2,9 @@
 
 The backbone is more than 98% of a transfer model's compute and its output never changes, so
 the head search computes the pooled features of every augmented view of the training photos
-(and of the validation photos) once, and every head trial trains on them:
+(and of the validation photos) once, and every head trial trains on them. The photos stream
+through the job in blocks (Ray Data): tasks decode a block, actors holding the backbone turn
+it into the features of its views, so no object ever holds the whole decoded split:
 
     paths = cache_features(index, "mobilenet_025", weights, 128, views=2, data_config, "feats")
     train = np.load(paths["train"])  # features [N * views, D], labels [N * views]
@@ -27,17 +29,32 @@ from dogbreeds.config import DataConfig
 logger = logging.getLogger(__name__)
 
 
+# Photos per block of the feature job: the most decoded photos one object holds (17 MB at
+# 299 px), and how often progress is logged. Ray Data keeps a few blocks in flight, so memory
+# does not grow with the split.
+BLOCK_PHOTOS = 64
+
+
+def _decode_block(block: dict, split: data.Split, image_size: int, tfds_dir: str | None) -> dict:
+    """A Ray Data task: photos [start, stop) of the split, decoded and resized as training does;
+    what does not decode is left out (the driver counts it)."""
+    (start,), (stop,) = block["start"], block["stop"]
+    images, kept, _ = data.decode_photos(split.take(range(start, stop)), image_size, tfds_dir)
+    return {"position": start + kept, "image": images, "label": split.labels[start + kept]}
+
+
 class FeatureExtractor:
-    """A Ray Data actor: loads the backbone once, then turns example ids into features.
+    """A Ray Data actor: loads the backbone once, then turns blocks of photos into the
+    features of each of their views.
 
-    Example id `i` is view `i // N` of image `i % N`, augmented with seed (seed, i): the same
-    fixed views that `data.make_dataset(..., augmented_views=views)` trains on end to end."""
+    Example id `i` is view `i // N` of photo `i % N` of the split (N photos), augmented with
+    seed (seed, i): the same fixed views that `data.make_dataset(..., augmented_views=views)`
+    trains on end to end (when every photo decodes)."""
 
-    def __init__(self, images, backbone: str, weights, image_size: int, views: int, data_config: DataConfig):
-        import ray
+    def __init__(self, count: int, backbone: str, weights, image_size: int, views: int, data_config: DataConfig):
         import tensorflow as tf
 
-        self.images = ray.get(images) if isinstance(images, ray.ObjectRef) else images
+        self.count, self.views = count, max(views, 1)
         self.model = models.build_backbone(backbone, image_size, weights)
         ops = data.build_ops(data.augment_chain(data_config)) if views else (lambda example: example)
         seed = data_config.seed
@@ -54,40 +71,60 @@ class FeatureExtractor:
         self.prepare = prepare
 
     def __call__(self, batch: dict) -> dict:
-        ids = batch["id"].astype(np.int64)
-        images = self.images[ids % len(self.images)]
+        positions = batch["position"].astype(np.int64)
+        ids = (np.arange(self.views)[:, None] * self.count + positions).ravel()  # view-major
+        images = np.tile(batch["image"], (self.views, 1, 1, 1))
         features = self.model.predict_on_batch(self.prepare(images, ids))
-        return {"id": ids, "features": np.asarray(features, np.float32)}
+        return {"id": ids, "features": np.asarray(features, np.float32), "label": np.tile(batch["label"], self.views)}
 
 
-def extract_features(images: np.ndarray, backbone: str, weights, image_size: int, views: int,
+def extract_features(split: data.Split, backbone: str, weights, image_size: int, views: int,
                      data_config: DataConfig, actors: int = 1, gpus_per_actor: float = 0,
-                     batch_size: int = 64, what: str = "photos") -> np.ndarray:
-    """Features [len(images) * max(views, 1), D] by a Ray Data job over `actors` actors;
-    `views` = 0 is one view without augmentation (validation and test). Progress is logged
-    as `features of WHAT: done/total examples`."""
+                     batch_size: int = 64, block_photos: int = BLOCK_PHOTOS):
+    """The features of `max(views, 1)` views of every photo of `split`, by a streaming Ray
+    Data job: tasks read and decode blocks of `block_photos` photos, `actors` actors holding
+    the backbone expand each photo into its views (`views` = 0: one view without
+    augmentation, for validation and test) and compute their features, about `batch_size`
+    at a time. Progress is logged as `features of SPLIT (BACKBONE): done/total examples`.
+
+    Returns (features [kept * max(views, 1), D] in example order, their labels, skipped
+    [(key, reason)]); a split of which no photo decodes is a ValueError."""
     import ray
 
-    count = len(images) * max(views, 1)
-    dataset = ray.data.range(count).map_batches(
-        FeatureExtractor,
-        fn_constructor_kwargs=dict(
-            images=ray.put(images), backbone=backbone, weights=weights,
-            image_size=image_size, views=views, data_config=data_config,
-        ),
-        batch_size=batch_size,
-        concurrency=actors,
-        num_cpus=1,
-        num_gpus=gpus_per_actor,
+    # `progress` below reports; Ray Data's own bars (and its notice that they are off) are noise.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    count, per_photo = len(split), max(views, 1)
+    blocks = [{"start": start, "stop": min(start + block_photos, count)} for start in range(0, count, block_photos)]
+    dataset = (
+        ray.data.from_items(blocks, override_num_blocks=max(len(blocks), 1))
+        .map_batches(_decode_block, batch_size=1, num_cpus=1,
+                     fn_kwargs=dict(split=split, image_size=image_size, tfds_dir=data_config.tfds_dir))
+        .map_batches(
+            FeatureExtractor,
+            fn_constructor_kwargs=dict(count=count, backbone=backbone, weights=weights,
+                                       image_size=image_size, views=views, data_config=data_config),
+            batch_size=max(1, batch_size // per_photo),
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1,
+            num_gpus=gpus_per_actor,
+        )
     )
-    ids, features = [], []
-    progress = data.Progress(f"features of {what}", count, unit="examples", log=logger)
+    ids, features, labels = [], [], []
+    progress = data.Progress(f"features of {split.name} ({backbone})", count * per_photo, unit="examples", log=logger)
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         ids.append(batch["id"])
         features.append(batch["features"])
+        labels.append(batch["label"])
         progress.advance(len(batch["id"]))
-    ids, features = np.concatenate(ids), np.concatenate(features)
-    return features[np.argsort(ids)]
+    if not ids:
+        skipped = [(key, data.why_undecodable(key)) for key in split.keys]
+        raise ValueError(f"no photo of {split.name} decodes: {data.describe_skipped(skipped)}")
+    ids = np.concatenate(ids)
+    decoded = set((ids % count).tolist())
+    skipped = [(key, data.why_undecodable(key)) for position, key in enumerate(split.keys) if position not in decoded]
+    order = np.argsort(ids)
+    return np.concatenate(features)[order], np.concatenate(labels)[order].astype(np.int32), skipped
 
 
 def cache_key(index: data.DatasetIndex, backbone: str, weights, image_size: int, views: int,
@@ -123,11 +160,12 @@ def cache_features(index: data.DatasetIndex, backbone: str, weights, image_size:
     started = time.time()
     os.makedirs(directory, exist_ok=True)
     for split, split_views in (("train", views), ("validation", 0)):
-        images, labels, _ = data.load_images(index.splits[split], image_size, data_config)
-        features = extract_features(images, backbone, weights, image_size, split_views,
-                                    data_config, actors, gpus_per_actor, what=f"{split} ({backbone})")
+        features, labels, skipped = extract_features(index.splits[split], backbone, weights, image_size, split_views,
+                                                     data_config, actors, gpus_per_actor)
+        if skipped:
+            logger.warning("features of %s: %d photos skipped (%s)", split, len(skipped), data.describe_skipped(skipped))
         temporary = f"{paths[split]}.{os.getpid()}.tmp.npz"
-        np.savez(temporary, features=features, labels=np.tile(labels, max(split_views, 1)))
+        np.savez(temporary, features=features, labels=labels)
         os.replace(temporary, paths[split])
     seconds = round(time.time() - started, 2)
     logger.info("features of %s at %d px: computed in %.1f s into %s", backbone, image_size, seconds, directory)

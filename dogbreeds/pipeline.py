@@ -1,6 +1,7 @@
 """The study in one command: the cnn3v2 search, the transfer-head search, fine-tuning of the
 best head with the top of its backbone, the final models tested once, the best one (by
-validation accuracy, never test) exported as a bundle, and the report.
+validation accuracy, never test) exported as a bundle, and the report; for the study's table,
+also frozen heads on other backbones and the ladder of CNNs from scratch.
 
     run_pipeline("quick", "runs/quick", data={"data_dir": "../shared/data/tiny_dogs_64"},
                  train={"weights": "../shared/weights/mobilenet_2_5_224_tf_no_top.h5"})
@@ -66,14 +67,21 @@ PROFILES = {
 
 # The pipeline's stages, in the order they run (each profile sets each).
 STAGES = ("cnn3v2", "head", "fine_tune")
+# The study compares each backbone's frozen head: a head search on each of these too (besides
+# the head stage's own backbone), with the head stage's settings, in OUTPUT/head_<backbone>/,
+# for the table only (the export weighs the three stages). `--compare-backbones`.
+COMPARED_BACKBONES = {"quick": (), "full": ("resnet50v2",)}
 
 
 def resolve_stages(profile: str, data: dict | None = None, train: dict | None = None,
                    search: dict | None = None, stages: dict | None = None,
+                   compare_backbones: tuple[str, ...] | None = None,
                    ) -> dict[str, tuple[DataConfig, TrainConfig, SearchConfig]]:
     """Each stage's (data, train, search) configuration: the profile's values over the
     classes' defaults, `data`, `train`, `search` (the caller's) over every stage, and
-    `stages` ({stage: {section: {field: value}}}, the caller's for one stage) over that one."""
+    `stages` ({stage: {section: {field: value}}}, the caller's for one stage) over that one.
+    Then `head_<backbone>` for each compared backbone (None: the profile's): the head stage's
+    configuration on that backbone."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
     unknown = set(stages or {}) - set(STAGES)
@@ -94,6 +102,10 @@ def resolve_stages(profile: str, data: dict | None = None, train: dict | None = 
         dataclasses.replace(fine_train, model=head_train.model, weights=head_train.weights),
         fine_search,
     )
+    compared = COMPARED_BACKBONES[profile] if compare_backbones is None else compare_backbones
+    for backbone in dict.fromkeys(compared):
+        if backbone != head_train.model:
+            resolved[f"head_{backbone}"] = (head_data, dataclasses.replace(head_train, model=backbone), resolved["head"][2])
     return resolved
 
 
@@ -106,14 +118,16 @@ LADDER_BY_DEFAULT = {"quick": False, "full": True}
 
 def run_pipeline(profile: str, output: str, data: dict | None = None, train: dict | None = None,
                  search: dict | None = None, stages: dict | None = None, resume: bool = False,
-                 feature_actors: int = 1, gpus_per_actor: float = 0, ladder: bool | None = None) -> dict:
+                 feature_actors: int = 1, gpus_per_actor: float = 0, ladder: bool | None = None,
+                 compare_backbones: tuple[str, ...] | None = None) -> dict:
     """Run the whole study; returns where each artefact went and the comparison table (also in
     pipeline.json, with each stage's resolved configuration)."""
     from dogbreeds.export import export_bundle
     from dogbreeds.train import versions
 
     overrides = {"data": data or {}, "train": train or {}, "search": search or {}, "stages": stages or {}}
-    stages = resolve_stages(profile, data, train, search, stages)
+    stages = resolve_stages(profile, data, train, search, stages, compare_backbones)
+    compared = [stage for stage in stages if stage not in STAGES]
     ladder = LADDER_BY_DEFAULT[profile] if ladder is None else ladder
     output = os.path.abspath(output)
     os.makedirs(output, exist_ok=True)
@@ -136,15 +150,18 @@ def run_pipeline(profile: str, output: str, data: dict | None = None, train: dic
     }
     results["fine_tune"] = search_fine_tune(*stages["fine_tune"], os.path.join(output, "fine_tune"),
                                             head_search=os.path.join(output, "head"), resume=resume)
-    ladder_dirs = train_ladder(*stages["cnn3v2"][:2], output, resume) if ladder else {}
     chosen = max(results, key=lambda stage: results[stage]["final"]["validation"])
+    for stage in compared:
+        results[stage] = search_head(*stages[stage], os.path.join(output, stage), features_dir=os.path.join(output, runs.FEATURES),
+                                     actors=feature_actors, gpus_per_actor=gpus_per_actor, resume=resume)
+    ladder_dirs = train_ladder(*stages["cnn3v2"][:2], output, resume) if ladder else {}
     bundle_dir = os.path.join(output, runs.BUNDLE)
     bundle = export_bundle(os.path.join(output, chosen, runs.FINAL), bundle_dir)
     summary = {
         "profile": profile,
         "chosen": chosen,
         "final": {stage: result["final"] for stage, result in results.items()},
-        "table": comparison(output, ladder_dirs, chosen),
+        "table": comparison(output, ladder_dirs, chosen, ["cnn3v2", "head", *compared, "fine_tune"]),
         "bundle": {"path": bundle_dir, "name": bundle["name"], "version": bundle["version"]},
         "artefacts": {
             **{f"{stage} search": os.path.join(output, stage, runs.RESULTS) for stage in results},
@@ -184,15 +201,19 @@ HOW = {
 }
 
 
-def comparison(output: str, ladder_dirs: dict[str, str], chosen: str) -> list[dict]:
-    """The study's table: a row per final model (the ladder's, the tuned cnn3v2, the frozen
-    head, the fine-tuned model) with its parameters, epochs, training time and speed, and its
-    test top-1, top-5 and macro precision and recall. Training time is the final model's own
-    (a head's: its trial on cached features, which cost `features` seconds once)."""
+def comparison(output: str, ladder_dirs: dict[str, str], chosen: str, searches=STAGES) -> list[dict]:
+    """The study's table: a row per final model (the ladder's, then each of `searches`: the
+    tuned cnn3v2, the frozen heads, the fine-tuned model) with its parameters, epochs, training
+    time and speed, and its test top-1, top-5 and macro precision and recall. Training time is
+    the final model's own (a head's: its trial on cached features, which cost `features`
+    seconds once)."""
     import tf_keras as keras
 
-    finals = {**{f"{name} (ladder)": (run_dir, "ladder") for name, run_dir in ladder_dirs.items()},
-              **{stage: (os.path.join(output, stage, runs.FINAL), stage) for stage in STAGES}}
+    finals = {f"{name} (ladder)": (run_dir, "ladder") for name, run_dir in ladder_dirs.items()}
+    for stage in searches:  # a compared backbone's head search is head_<backbone>: row "head (<backbone>)"
+        kind = "head" if stage.startswith("head_") else stage
+        name = f"head ({stage.removeprefix('head_')})" if kind != stage else stage
+        finals[name] = (os.path.join(output, stage, runs.FINAL), kind)
     rows = []
     for name, (run_dir, kind) in finals.items():
         metrics = runs.read_json(os.path.join(run_dir, runs.METRICS))
@@ -210,3 +231,4 @@ def comparison(output: str, ladder_dirs: dict[str, str], chosen: str) -> list[di
             "run": run_dir,
         })
     return rows
+

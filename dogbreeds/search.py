@@ -326,6 +326,11 @@ def _number(row, name: str) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Searches whose trials are Ray Train runs (cnn3v2, fine_tune): the trial, and freeing a stopped one.
 
+# What such a trial's own process reserves: no CPU, since it only waits for its Ray Train
+# workers, which hold the CPUs and GPUs (even a sliver of a CPU would leave a trial of 2
+# one-CPU workers waiting forever on 2 CPUs). Tune refuses an empty request, hence a MiB.
+TRAIN_TRIAL_RESOURCES = {"CPU": 0, "memory": 2**20}
+
 
 def _training_trial(config, *, data_config, train_config, trials_dir):
     """One trial: a Ray Train run whose epochs are reported to Tune as they end."""
@@ -422,10 +427,7 @@ def search_cnn3v2(
         _training_trial, data_config=data_config, train_config=train_config,
         trials_dir=trials_dir,
     )
-    # The trial's driver only waits for its Ray Train workers, which hold the resources; a
-    # whole CPU for it would leave a 2-worker trial waiting forever on a 2-CPU machine (Tune
-    # refuses an empty request, hence a sliver).
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    trainable = tune.with_resources(trainable, TRAIN_TRIAL_RESOURCES)
     results = run_tuner(trainable, space, search, output, resume, data_config.seed,
                         callbacks=[_release_stopped_runs(trials_dir)])
     earlier = _earlier_best(output)
@@ -645,7 +647,7 @@ def search_fine_tune(
     trials_dir = os.path.join(output, runs.TRIALS)
     trainable = tune.with_parameters(_training_trial, data_config=data_config, train_config=train_config,
                                      trials_dir=trials_dir)
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})  # as search_cnn3v2's: Ray Train holds the CPUs
+    trainable = tune.with_resources(trainable, TRAIN_TRIAL_RESOURCES)
     results = run_tuner(trainable, space, search, output, resume, data_config.seed,
                         callbacks=[_release_stopped_runs(trials_dir)])
     earlier = _earlier_best(output)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -350,6 +351,8 @@ README_RUN_FIXTURES = {
     "train cnn3v2 ": "cnn3v2_run_dir",
     "search cnn3v2 ": "readme_search_cnn3v2_dir",
     "search head ": "readme_search_head_dir",
+    "bench heads ": "readme_bench_heads",
+    "pipeline --profile full ": "rehearsal",
 }
 
 
@@ -405,6 +408,51 @@ def readme_search_head_dir(ray_cluster, readme_runs) -> pathlib.Path:
     """The README's `dogbreeds search head ... --output runs/search_head` (4 trials on the
     features of one view at 96 px): tests/test_search.py checks it and reuses its features."""
     return _readme_run("search head ", readme_runs)
+
+
+@pytest.fixture(scope="session")
+def readme_bench_heads(readme_runs) -> dict:
+    """The README's `dogbreeds bench heads ... --output runs/bench` (one trial of one epoch at
+    64 px): the JSON it wrote."""
+    return json.loads((_readme_run("bench heads ", readme_runs) / "bench_heads.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def rehearsal(readme_runs) -> dict:
+    """The README's full-profile rehearsal (`dogbreeds pipeline --profile full ... --output
+    runs/rehearsal`) as a user runs it: a process of its own, which starts a local Ray on this
+    machine's cores. Returns its folder, its seconds and the peak resident memory of each of
+    its processes, sampled every second (also in test-artifacts/rehearsal_memory.json)."""
+    import psutil
+
+    (command,) = [c for c in readme_commands() if c.startswith("pipeline --profile full ")]
+    argv = [arg.replace("runs/", f"{readme_runs}/") for arg in shlex.split(command)]
+    started = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "dogbreeds", *argv], cwd=ROOT, start_new_session=True)
+    root, peaks = psutil.Process(process.pid), {}
+    while process.poll() is None:
+        if time.time() - started > 40 * 60:  # about 14 minutes here: something hangs
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"the rehearsal ran for 40 minutes: {peaks}")
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            tree = []
+        for member in tree:
+            try:
+                rss, title = member.memory_info().rss, " ".join(member.cmdline())[:100]
+            except psutil.Error:
+                continue
+            now = round(time.time() - started)
+            peak = peaks.setdefault(member.pid, {"mb": 0, "process": title, "from_s": now})
+            peak.update(mb=max(peak["mb"], round(rss / 2**20)), process=title, to_s=now)
+        time.sleep(1)
+    result = {"seconds": round(time.time() - started, 1), "returncode": process.returncode,
+              "peak_rss_mb": sorted(({"pid": pid, **peak} for pid, peak in peaks.items()), key=lambda p: -p["mb"])}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "rehearsal_memory.json").write_text(json.dumps(result, indent=1))
+    assert process.returncode == 0, result
+    return {**result, "dir": readme_runs / "rehearsal"}
 
 
 @pytest.fixture(scope="session")

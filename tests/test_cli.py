@@ -206,6 +206,23 @@ def test_pipeline_options_set_every_search_and_set_one():
             cli.stage_settings(cli.build_parser().parse_args(["pipeline", "--output", "x", "--set", bad]))
 
 
+def test_pipeline_compares_each_backbones_frozen_head():
+    """The full profile also searches a head on ResNet50V2 (`head_resnet50v2`), with the head
+    stage's settings; `--compare-backbones` names others, '' none; the head's own is not twice."""
+    from dogbreeds import pipeline
+
+    full = pipeline.resolve_stages("full", stages={"head": {"search": {"trials": 5}}})
+    assert list(full) == [*pipeline.STAGES, "head_resnet50v2"]
+    data, train, search = full["head_resnet50v2"]
+    assert train.model == "resnet50v2" and train.epochs == full["head"][1].epochs
+    assert data == full["head"][0] and search.trials == 5
+    assert list(pipeline.resolve_stages("quick")) == list(pipeline.STAGES)
+    for text, expected in (("", []), ("mobilenet_025,xception", ["head_xception"])):
+        args = cli.build_parser().parse_args(["pipeline", "--output", "x", "--compare-backbones", text])
+        resolved = pipeline.resolve_stages("quick", compare_backbones=args.compare_backbones)
+        assert list(resolved) == [*pipeline.STAGES, *expected]
+
+
 def test_pipeline_writes_its_resolved_settings_first(tmp_path, monkeypatch):
     from dogbreeds import pipeline
 
@@ -271,6 +288,8 @@ def _error_cases(tmp_path):
         "config syntax": (["train", "cnn3v2", "--config", _space(tmp_path, "cfg", "train: {epochs: 3\n"), "--output", "x"], "cfg.yaml"),
         "set field": (["pipeline", "--set", "head.trails=6", "--output", str(tmp_path / "out")], "unknown field 'trails'"),
         "set value": (["pipeline", "--set", "cnn3v2.trials=0", "--output", str(tmp_path / "out")], "at least 1"),
+        "compared backbone": (["pipeline", "--compare-backbones", "cnn3", "--data-dir", str(TINY_DIR), "--weights", "none",
+                               "--output", str(tmp_path / "out")], "cnn3 is not a transfer model"),
         "missing bundle": (["bench", "serve", str(tmp_path / "no_bundle"), "--data-dir", str(TINY_DIR)], "bundle not found"),
         "not a bundle": (["bench", "serve", str(not_a_bundle), "--data-dir", str(TINY_DIR)], "bundle"),
     }
@@ -278,7 +297,8 @@ def _error_cases(tmp_path):
 
 @pytest.mark.parametrize("case", ["yaml syntax", "unknown key", "no type", "no hyperparameters", "misspelled name",
                                   "wrong kind", "negative size", "empty data folder", "missing weights", "config key",
-                                  "config section", "config syntax", "set field", "set value", "missing bundle", "not a bundle"])
+                                  "config section", "config syntax", "set field", "set value", "compared backbone", "missing bundle",
+                                  "not a bundle"])
 def test_bad_inputs_are_one_line_before_ray_starts(case, tmp_path):
     argv, message = _error_cases(tmp_path)[case]
     start = time.monotonic()

@@ -5,6 +5,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -283,8 +284,12 @@ def test_tfds_source_reads_stanford_dogs_records(tmp_path):
 
     files = sorted(SAMPLE_DIR.glob("Images/*/*"))[:20]
 
+    asked = []
+
     def as_dataset(self, split, decoders=None, **options):
-        records = files[:12] if split == "train" else files[12:]
+        asked.append(split)
+        name, first, stop = re.fullmatch(r"(\w+)(?:\[(\d+):(\d+)\])?", split).groups()
+        records = (files[:12] if name == "train" else files[12:])[int(first or 0):int(stop or 99)]
         return tf.data.Dataset.from_tensor_slices(
             {"image": [f.read_bytes() for f in records], "label": list(range(len(records)))}
         )
@@ -301,6 +306,10 @@ def test_tfds_source_reads_stanford_dogs_records(tmp_path):
         np.testing.assert_array_equal(images[5], expected)
         shard = data.load_images(index.splits["test"], 24, config, 1, 2)[0]
         np.testing.assert_array_equal(shard, images[1::2])
+        # A block of a split reads its span of records, not the whole split.
+        block, _, _ = data.decode_photos(index.splits["test"].take(range(3, 6)), 24, None)
+        np.testing.assert_array_equal(block, images[3:6])
+        assert asked[-1] == "test[3:6]"
 
 
 def test_plain_reasons_for_every_format(tmp_path):

@@ -140,6 +140,50 @@ def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
 
 
 @pytest.mark.slow
+def test_full_profile_rehearsal_runs_every_stage_at_full_size(rehearsal):
+    """The README's rehearsal of the full profile, in its own process on this machine's cores:
+    Xception (and ResNet50V2's head, for the table) at 299 px on all 120 breeds, nine views, TPE with ASHA, two Ray Train workers per
+    cnn3v2 trial and for fine-tuning, the ladder, and a bundle that serves. Its time and each
+    process's peak memory are in test-artifacts/rehearsal_memory.json."""
+    import numpy as np
+
+    from dogbreeds import data
+    from dogbreeds.config import DataConfig
+    from dogbreeds.export import check_bundle, load_bundle
+    from tests.conftest import SAMPLE_DIR
+
+    run = rehearsal["dir"]
+    summary = json.loads((run / "pipeline.json").read_text())
+    stages = summary["settings"]["stages"]
+    for stage in ("cnn3v2", "head"):
+        assert stages[stage]["data"]["image_size"] == 299
+        assert stages[stage]["search"]["algorithm"] == "tpe" and stages[stage]["search"]["scheduler"] == "asha"
+    assert stages["head"]["train"]["model"] == "xception" and stages["head"]["data"]["augmented_views"] == 9
+    # Two Ray Train workers, in sync, trained each cnn3v2 trial and the fine-tuned model.
+    for stage in ("cnn3v2", "fine_tune"):
+        for metrics in (run / stage / "trials").glob("*/metrics.json"):
+            assert json.loads(metrics.read_text())["replicas_in_sync"] == 2, metrics
+        assert json.loads((run / stage / "final" / "metrics.json").read_text())["workers"] == 2
+    # Xception's 2,048 features of nine views of each of the 120 breeds' training photos.
+    train = data.load_index(DataConfig(data_dir=str(SAMPLE_DIR))).splits["train"]
+    (features,) = (run / "features").glob("*/train.npz")
+    assert np.load(features)["features"].shape == (9 * len(train), 2048)
+    table = {row["name"]: row for row in summary["table"]}
+    assert list(table) == ["cnn1 (ladder)", "cnn3 (ladder)", "cnn3v2 (ladder)", "cnn3v2", "head", "head (resnet50v2)",
+                           "fine_tune"]
+    assert table["head (resnet50v2)"]["model"] == "resnet50v2" and not table["head (resnet50v2)"]["exported"]
+    check_bundle(str(run / "bundle"))
+    bundle = load_bundle(str(run / "bundle"))
+    assert bundle.image_size == 299 and len(bundle.class_names) == 120
+    photo = next(SAMPLE_DIR.glob("Images/n02085620-Chihuahua/*")).read_bytes()
+    probabilities, scores = bundle.predict_with_novelty(bundle.prepare(photo)[None])
+    assert probabilities.shape == (1, 120) and abs(float(probabilities.sum()) - 1) < 1e-4
+    # Every process was sampled: the driver, Ray's own, the feature actor, the Train workers.
+    processes = " ".join(p["process"] for p in rehearsal["peak_rss_mb"])
+    assert "dogbreeds pipeline" in processes and "RayTrainWorker" in processes and "raylet" in processes
+
+
+@pytest.mark.slow
 def test_pipeline_resume_with_more_trials_extends_one_search(quick_pipeline_extended, runs):
     """The README's `pipeline --resume --set head.trials=6` on the quick pipeline: the head
     search runs exactly 2 new trials (a second Tune experiment, on the same study) and keeps

@@ -501,3 +501,45 @@ def test_cached_features_and_end_to_end_give_the_same_head(ray_cluster, head_fea
     assert cached_accuracy > 0.35 and e2e_accuracy > 0.35
     assert abs(cached_accuracy - e2e_accuracy) < 0.08
     assert np.load(features["train"])["features"].shape[0] == len(index.splits["train"])
+
+
+def test_feature_job_streams_blocks_into_the_views_training_sees(ray_cluster, cache_dir, tmp_path):
+    """The feature job (blocks of 4 photos, 2 actors) gives the backbone's features of exactly
+    the fixed views `make_dataset` trains on end to end, each with its photo's label; a photo
+    that does not decode is skipped and counted, and a split of which none decodes is an error."""
+    from dogbreeds import data
+    from dogbreeds.features import extract_features
+
+    config = DataConfig(data_dir=str(TINY_DIR), image_size=32, augmented_views=2, cache_dir=cache_dir)
+    split = data.load_index(config).splits["validation"].take(range(10))
+    weights = str(MOBILENET_WEIGHTS)
+    features, labels, skipped = extract_features(split, "mobilenet_025", weights, 32, 2, config,
+                                                 actors=2, batch_size=6, block_photos=4)
+    images, _, _ = data.load_images(split, 32, config)
+    views = next(iter(data.make_dataset(images, split.labels, 6, 20, config, training=True)))
+    backbone = models.build_backbone("mobilenet_025", 32, weights)
+    expected = backbone.predict_on_batch(views[0])
+    assert features.shape == expected.shape == (20, expected.shape[1]) and skipped == []
+    # make_dataset shuffles: match each of its views to the job's nearest feature row.
+    distances = np.abs(expected[:, None, :] - features[None, :, :]).max(axis=2)
+    nearest = distances.argmin(axis=1)
+    assert sorted(nearest) == list(range(20)) and distances.min(axis=1).max() < 1e-4
+    np.testing.assert_array_equal(labels[nearest], np.argmax(views[1], axis=1))
+    np.testing.assert_array_equal(labels, np.tile(split.labels, 2))
+
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(open(split.keys[0], "rb").read()[:500])
+    with_bad = data.Split([split.keys[1], str(bad), split.keys[2]], split.labels[[1, 0, 2]], "validation")
+    features, labels, skipped = extract_features(with_bad, "mobilenet_025", weights, 32, 0, config, block_photos=2)
+    np.testing.assert_allclose(features, backbone.predict_on_batch(images[[1, 2]].astype(np.float32)), atol=1e-4)
+    assert skipped == [(str(bad), "truncated JPEG image")] and list(labels) == list(split.labels[[1, 2]])
+    with pytest.raises(ValueError, match="^no photo of validation decodes: 1 truncated JPEG image"):
+        extract_features(data.Split([str(bad)], split.labels[:1], "validation"), "mobilenet_025", weights, 32, 0, config)
+
+
+@pytest.mark.slow
+def test_feature_job_holds_blocks_not_the_split(readme_bench_heads):
+    """The README's `bench heads`: at its peak the feature job held far less in Ray's object
+    store than the decoded train photos (which it once put there as one object)."""
+    peak, decoded = readme_bench_heads["feature_job_object_store_peak_mb"], readme_bench_heads["decoded_train_photos_mb"]
+    assert decoded > 20 and 0 < peak < decoded / 2, readme_bench_heads
