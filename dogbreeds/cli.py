@@ -540,7 +540,7 @@ def command_pipeline(args) -> None:
     _data_config(args)  # --data-dir exists
     stages = pipeline.resolve_stages(args.profile, **overrides, compare_backbones=args.compare_backbones)
     for stage, (stage_data, stage_train, stage_search) in stages.items():
-        kind = "head" if stage.startswith("head") else stage  # head_<backbone>: a compared backbone's
+        kind = pipeline.stage_kind(stage)
         search.check_space(stage_search.space, kind, stage_train.model if kind == "head" else None)
         check_inputs(stage_data, stage_train.model, stage_train.weights)
     summary = pipeline.run_pipeline(

@@ -106,6 +106,8 @@ def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
     validation = {stage: final["validation"] for stage, final in summary["final"].items()}
     assert sorted(validation) == ["cnn3v2", "fine_tune", "head"]
     assert validation[summary["chosen"]] == max(validation.values())
+    # Issue 13's bar: fine-tuning beats the frozen head it started from, on validation.
+    assert validation["fine_tune"] > validation["head"] and summary["chosen"] == "fine_tune"
     # Fine-tuning started from the head search's best head, the whole backbone or its top trained.
     fine_tune = json.loads((quick / "fine_tune" / "search.json").read_text())["train"]
     head_best = json.loads((quick / "head" / "best.json").read_text())["trial_id"]
@@ -113,9 +115,10 @@ def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
     assert fine_tune["model"] == "mobilenet_025" and 0 < json.loads(
         (quick / "fine_tune" / "final" / "config.json").read_text())["train"]["fine_tune_fraction"] <= 1
     # The head search trained on the profile's augmented views of every training photo.
-    views = summary["settings"]["stages"]["head"]["data"]["augmented_views"]
+    head_data = summary["settings"]["stages"]["head"]["data"]
+    views = head_data["augmented_views"]
     (train_features,) = (quick / "features").glob("*/train.npz")
-    train_photos = len(data.load_index(DataConfig(data_dir=str(TINY_DIR))).splits["train"])
+    train_photos = len(data.load_index(DataConfig(**{**head_data, "data_dir": str(TINY_DIR)})).splits["train"])
     assert views == 2 and np.load(train_features)["features"].shape[0] == views * train_photos
     # The study's table: every final model, tested once, with what it cost.
     table = {row["name"]: row for row in summary["table"]}
