@@ -22,7 +22,7 @@ from dogbreeds.config import DataConfig, TrainConfig, to_dict
 from dogbreeds.search import SearchConfig, search_cnn3v2, search_fine_tune, search_head
 
 # Each profile: the cnn3v2 search, the head search (its augmented views per photo in
-# `augmented_views`) and fine-tuning (its model, size and head are the head search's), as
+# `augmented_views`) and fine-tuning (its model, data, size and head are the head search's), as
 # (data, train, search) overrides of the classes' defaults.
 PROFILES = {
     # A laptop CPU in minutes: small images, a subset for the cnn3v2 search, few short trials.
@@ -41,7 +41,7 @@ PROFILES = {
             {"space": "transfer_head", "trials": 4, "concurrent_trials": 2},
         ),
         "fine_tune": (
-            {"validation_fraction": 0.2},
+            {},
             {"epochs": 6, "workers": 1},
             # No ASHA: a fine-tuned model's first epoch dips before it climbs.
             {"space": "fine_tune", "trials": 2, "concurrent_trials": 2, "scheduler": "none"},
@@ -104,9 +104,12 @@ def resolve_stages(profile: str, data: dict | None = None, train: dict | None = 
             SearchConfig(**{**search_overrides, **(search or {}), **own.get("search", {})}),
         )
     head_data, head_train, _ = resolved["head"]  # what fine-tuning starts from
-    fine_data, fine_train, fine_search = resolved["fine_tune"]
+    _, fine_train, fine_search = resolved["fine_tune"]
+    fine_own = (stages or {}).get("fine_tune", {}).get("data", {})
     resolved["fine_tune"] = (
-        dataclasses.replace(fine_data, image_size=head_data.image_size, augmented_views=0),
+        # The head search's photos and split (both validated on the same photos, none of the
+        # head's training photos among fine-tuning's), at its size, a new view every epoch.
+        dataclasses.replace(head_data, **{**fine_own, "image_size": head_data.image_size, "augmented_views": 0}),
         dataclasses.replace(fine_train, model=head_train.model, weights=head_train.weights),
         fine_search,
     )

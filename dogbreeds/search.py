@@ -605,6 +605,11 @@ def _test_final(output, model, trial_dir, index, data_config, train_config, imag
 # Fine-tuning: the head search's best head with the top of its backbone, on Ray Train.
 
 
+# The data settings that decide which photo is in which split.
+SPLIT_FIELDS = ("data_dir", "tfds_dir", "validation_fraction", "test_fraction", "subset_per_class",
+                "subset_fraction", "seed")
+
+
 @register_search(
     "fine_tune", default_space="fine_tune", model_from="head_search",
     description="fine-tuning of a head search's best head and the top of its backbone, on Ray Train",
@@ -639,6 +644,10 @@ def search_fine_tune(
     # The head's size; a new view of each photo every epoch (not the head's fixed views).
     data_config = dataclasses.replace(data_config, image_size=head["data"]["image_size"], augmented_views=0)
     data_config, train_config = absolute_paths(data_config, train_config)
+    differ = [f"{field} {head['data'][field]!r} there, {getattr(data_config, field)!r} here"
+              for field in SPLIT_FIELDS if getattr(data_config, field) != head["data"][field]]
+    if differ:  # else photos that trained the head would validate (or test) fine-tuning
+        raise ValueError(f"fine-tuning must split the photos as its head search did: {'; '.join(differ)}")
     earlier = os.path.join(output, runs.SEARCH_CONFIG)
     if resume and os.path.isfile(earlier) and runs.read_json(earlier)["train"]["head_weights"] != train_config.head_weights:
         print(f"the head search's best head is now {head_best['trial_id']}: fine-tuning it afresh in {output}")

@@ -201,6 +201,8 @@ def test_pipeline_options_set_every_search_and_set_one():
     assert head_data.horizontal_flip is False and cnn3v2_data.horizontal_flip is True
     assert (cnn3v2_data.seed, cnn3v2_train.seed, head_data.seed) == (7, 7, 0)  # --seed's two fields
     assert (cnn3v2_train.model, head_train.model) == ("cnn3v2", "xception")
+    # Fine-tuning reads the head search's photos and split: the same validation photos.
+    assert resolved["fine_tune"][0] == dataclasses.replace(head_data, augmented_views=0)
     for bad in ("head.trials", "tail.trials=1", "head.image_size=many"):
         with pytest.raises(ValueError, match="--set"):
             cli.stage_settings(cli.build_parser().parse_args(["pipeline", "--output", "x", "--set", bad]))

@@ -421,6 +421,16 @@ def test_head_search(ray_cluster, readme_search_head_dir, head_features, cache_d
 
 
 @pytest.mark.slow
+def test_fine_tuning_refuses_a_split_other_than_its_head_searchs(readme_search_head_dir, tmp_path, capsys):
+    """With another seed, photos that trained the head would validate fine-tuning: one line, nothing run."""
+    argv = ["search", "fine_tune", "--head-search", str(readme_search_head_dir), "--data-dir", str(TINY_DIR),
+            "--seed", "3", "--output", str(tmp_path / "out")]
+    assert cli.main(argv) == 1
+    assert "split the photos as its head search did: seed 0 there, 3 here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head_features, tmp_path):
     """The search's driver is killed (with the local Ray it started) while the dashboard shows
     its study live; --resume finishes it, and with --trials 6 extends it by two new trials."""
