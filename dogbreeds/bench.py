@@ -1,7 +1,9 @@
 """Benchmarks: commands that print their numbers and write JSON (never timed tests).
 
 `bench_pipeline`: the input pipeline against a bare decode-and-resize loop over the same
-files, measured in one run so that the ratio is fair on a noisy machine.
+files, measured in one run so that the ratio is fair on a noisy machine. `bench_novelty`: a
+bundle's top-1 and not-a-dog verdicts on its test dogs (box crops), on whole photos of its
+breeds, and on photos without dogs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 import numpy as np
 
-from dogbreeds import data
+from dogbreeds import data, novelty
 from dogbreeds.config import DataConfig
 
 
@@ -581,3 +583,96 @@ def bench_attack(bundle_dir: str, photo_path: str, port: int = 8000, url: str | 
                               names=names, kill_above_mb=ATTACK_KILL_ABOVE_MB, progress=progress)
         finally:
             stop_serve_process(process)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench novelty: what a bundle's verdicts do on unseen dogs and on photos that are not dogs.
+
+
+def folder_images(bundle, folder: str) -> np.ndarray:
+    """Every photo under `folder` (recursively, sorted), prepared by `bundle.prepare`, as
+    serving prepares an uploaded photo."""
+    paths = data.photo_files(folder)
+    if not paths:
+        raise ValueError(f"no photos in {folder}")
+    images = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            images.append(bundle.prepare(handle.read()))
+    return np.stack(images)
+
+
+def _rates(bundle, images: np.ndarray, confidence_threshold: float, batch_size: int, labels=None) -> dict:
+    """The verdicts' counts on prepared photos; with `labels`, also top-1 (the first breed)."""
+    probabilities, scores = [], []
+    for start in range(0, len(images), batch_size):
+        batch_probabilities, batch_scores = bundle.predict_with_novelty(images[start:start + batch_size])
+        probabilities.append(batch_probabilities)
+        scores.append(batch_scores)
+    probabilities = np.concatenate(probabilities)
+    found = bundle.verdicts(probabilities, np.concatenate(scores), confidence_threshold)
+    counts = {verdict: int(np.sum(found == verdict)) for verdict in novelty.VERDICTS}
+    rates = {"photos": len(found), **counts, "not_a_dog_rate": counts["not_a_dog"] / len(found)}
+    if labels is not None:
+        rates["top1"] = float(np.mean(probabilities.argmax(axis=1) == labels))
+    return rates
+
+
+def whole_photos(bundle, folder: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(prepared photos, labels, photos left out) of a folder in the images.tar layout
+    (`<synset>-<breed>/*.jpg`), as serving prepares uploads: whole photos, not box crops. Only
+    the bundle's breeds count; a folder with none of them is a ValueError."""
+    labels_by_breed = {name: label for label, name in enumerate(bundle.class_names)}
+    paths, labels, left_out = [], [], 0
+    for path in data.photo_files(folder):
+        breed = data.breed_name(os.path.basename(os.path.dirname(path)))
+        if breed in labels_by_breed:
+            paths.append(path)
+            labels.append(labels_by_breed[breed])
+        else:
+            left_out += 1
+    if not paths:
+        raise ValueError(f"no photos of the bundle's breeds in {folder} (expected <synset>-<breed>/ folders)")
+    images = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            images.append(bundle.prepare(handle.read()))
+    return np.stack(images), np.asarray(labels), left_out
+
+
+def bench_novelty(bundle_dir: str, not_dog_dirs: list[str] = (), other_dirs: list[str] = (),
+                  whole_dog_dirs: list[str] = (), *, confidence_threshold: float = novelty.CONFIDENCE_THRESHOLD,
+                  batch_size: int = novelty.BATCH_SIZE) -> dict:
+    """The verdicts and top-1 of an exported bundle on its validation and test dogs (rebuilt
+    from the bundle's configuration; box crops in stanford_dogs_224) and on folders of whole
+    photos of its breeds (`whole_dog_dirs`, the images.tar layout), and the verdicts on each
+    folder of photos without dogs; `kept` is the share of dogs not flagged `not_a_dog`, and
+    `whole_over_test_top1` each whole-photo folder's top-1 over the test split's. `other_dirs`
+    are folders measured the same way, for interest (dogs of other breeds)."""
+    from dogbreeds.config import from_dict
+    from dogbreeds.export import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if not bundle.novelty_info:
+        raise ValueError(f"bundle has no novelty section (exported before novelty): {bundle_dir}")
+    data_config = from_dict(DataConfig, bundle.info["config"]["data"])
+    index = data.load_index(data_config)
+    rates = {"benchmark": "novelty", "bundle": bundle.info["name"], "novelty": bundle.novelty_info,
+             "dogs": {}, "not_dogs": {}, "other": {}}
+    for split in ("validation", "test"):
+        images, labels, _ = data.load_images(index.splits[split], bundle.image_size, data_config)
+        found = _rates(bundle, images, confidence_threshold, batch_size, labels)
+        rates["dogs"][split] = {**found, "kept": 1 - found["not_a_dog_rate"]}
+    for folder in whole_dog_dirs:
+        images, labels, left_out = whole_photos(bundle, folder)
+        found = _rates(bundle, images, confidence_threshold, batch_size, labels)
+        rates["dogs"][os.path.basename(os.path.normpath(folder))] = {
+            **found, "kept": 1 - found["not_a_dog_rate"], "other_breeds_left_out": left_out,
+            "whole_over_test_top1": found["top1"] / max(rates["dogs"]["test"]["top1"], 1e-9),
+        }
+    for key, folders in (("not_dogs", not_dog_dirs), ("other", other_dirs)):
+        for folder in folders:
+            images = folder_images(bundle, folder)
+            rates[key][os.path.basename(os.path.normpath(folder))] = _rates(
+                bundle, images, confidence_threshold, batch_size)
+    return rates

@@ -236,12 +236,15 @@ def _add_search(commands) -> None:
 
 
 def _add_pipeline(commands) -> None:
+    from dogbreeds import pipeline
+
     parser = _command(
         commands, "pipeline", "the study end to end: the searches, fine-tuning, final models, bundle, report",
         config_file=True
     )
-    parser.add_argument("--profile", choices=["quick", "full"], default="quick",
-                        help="quick: a laptop CPU in minutes; full: the study's settings. "
+    parser.add_argument("--profile", choices=list(pipeline.PROFILES), default="quick",
+                        help="quick: a laptop CPU in minutes; cpu: all 120 breeds on a CPU in an hour; "
+                        "full: the study's settings. "
                         "An option given here overrides the profile's value in every search")
     parser.add_argument("--set", dest="stage_settings", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                         help="one search's setting, over the profile's and the options: STAGE cnn3v2, head or fine_tune, "
@@ -342,6 +345,8 @@ def _add_bench_novelty(benches) -> _Parser:
                       "the not-a-dog verdicts of a bundle on its own dogs and on folders of other photos")
     parser.add_argument("bundle", help=BUNDLE_HELP)
     parser.add_argument("--not-dogs", nargs="+", default=[], help="folders of photos without dogs")
+    parser.add_argument("--whole-dogs", nargs="+", default=[],
+                        help="folders of whole photos of the bundle's breeds (<synset>-<breed>/*.jpg): top-1 and verdicts")
     parser.add_argument("--other", nargs="+", default=[], help="other folders, measured the same way")
     return parser
 
@@ -551,6 +556,7 @@ def command_pipeline(args) -> None:
     _write_report(args.output)
     _print_table(summary["table"])
     print(f"exported: {summary['chosen']} (the best on validation)")
+    _print_stages(summary["stages_run"])
     for name, path in summary["artefacts"].items():
         print(f"  {name:<20}{path}")
 
@@ -564,6 +570,15 @@ def _print_table(rows: list[dict]) -> None:
         print(f"{row['name']:<20}{row['total_params']:>12,}{row['trainable_params']:>12,}{row['epochs'] or 0:>7}"
               f"{row['train_seconds'] or 0:>9.1f}{speed:>8}{row['validation_top1']:>10.3f}{row['test_top1']:>7.3f}"
               f"{row['test_top5']:>7.3f}{row['test_precision']:>7.3f}{row['test_recall']:>7.3f}")
+
+
+def _print_stages(timings: dict) -> None:
+    """Each stage's time and the peak memory of the processes that ran it."""
+    print(f"{'stage':<20}{'seconds':>9}{'peak MB: driver':>17}{'largest worker':>16}{'all':>8}")
+    for stage, timing in timings.items():
+        peak = timing["peak_mb"]
+        print(f"{stage:<20}{timing['seconds']:>9.0f}{peak['driver']:>17,}{peak['largest_worker']:>16,}{peak['all']:>8,}")
+    print(f"{'total':<20}{sum(timing['seconds'] for timing in timings.values()):>9.0f}")
 
 
 def command_export(args) -> None:
@@ -665,9 +680,9 @@ def _bench_attack(args) -> dict:
 
 
 def _bench_novelty(args) -> dict:
-    from dogbreeds import novelty
+    from dogbreeds import bench
 
-    return {"benchmark": "novelty", **novelty.measure_rates(args.bundle, args.not_dogs, args.other)}
+    return bench.bench_novelty(args.bundle, args.not_dogs, args.other, args.whole_dogs)
 
 
 BENCHES = {

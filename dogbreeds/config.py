@@ -3,9 +3,9 @@
 A run directory keeps the resolved configuration as `config.json`, and an exported bundle
 keeps it too, so every number can be traced to what produced it.
 
-`DataConfig` and `TrainConfig` (frozen dataclasses) say what a run does; `ServeArgs` (a frozen
-pydantic model: `serve deploy` validates a config file's `args` with it) says how a bundle is
-served. The comment above each field is its reason, and also its `--help`, so a default and
+`DataConfig` and `TrainConfig` (frozen dataclasses) say what a run does, `SearchConfig` how a
+search runs; `ServeArgs` (a frozen pydantic model: `serve deploy` validates a config file's
+`args` with it) says how a bundle is served. The comment above each field is its reason, and also its `--help`, so a default and
 its reason are written once.
 
 Every field a user can set is a `Setting` (`settable_fields`: its type, default, reason and
@@ -55,6 +55,10 @@ class DataConfig:
     rotation_factor: float = 0.1
     # Random horizontal flip of train images; dogs look the same mirrored.
     horizontal_flip: bool = True
+    # Random zoom-out of train images: the photo shrinks to between 1 - zoom_out and all of
+    # its side, at a random place, the rest its own edges mirrored; 0 turns it off. Box crops
+    # (the dog fills the frame) then look like whole photos (a smaller dog, off centre).
+    zoom_out: float = 0.0
     # The study's offline augmentation: this many augmented views of each train image
     # (it used 9). 0 augments on the fly instead, a fresh view every epoch.
     augmented_views: int = 0
@@ -102,6 +106,27 @@ class TrainConfig:
     fine_tune_fraction: float = 0.0
     # Fine-tuning: start from this head (a head search trial's head.weights.h5), not a new one.
     head_weights: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """How a search runs; the data and training configurations say what each trial does."""
+
+    # A YAML file, or the name of one in search_spaces/ (its `search:` says which search it is).
+    space: str
+    # How many configurations to try.
+    trials: int = 8
+    # Trials running at once; each takes `workers` x `cpus_per_worker` CPUs (and GPUs).
+    concurrent_trials: int = 1
+    # "random" (Optuna's RandomSampler) or "tpe" (its TPESampler), through Tune's OptunaSearch.
+    algorithm: str = "random"
+    # "asha" stops poor trials early (Keras Tuner's Hyperband idea); "none" runs all to the end.
+    scheduler: str = "asha"
+    # Retries of a crashed trial (it resumes from its last checkpoint).
+    max_trial_failures: int = 2
+    # Retrain the best configuration without the subset and evaluate it once on the test split
+    # (a cnn3v2 search; a head search always joins its best head to the backbone and tests it).
+    retrain_best: bool = True
 
 
 # Below this top probability an answer is `unsure` instead of a breed (novelty.py's verdicts,
@@ -198,22 +223,15 @@ def to_dict(config) -> dict[str, Any]:
 # The fields a user sets: on the command line (dogbreeds.cli) or in `--config FILE.yaml`.
 
 
-def _search_config_class() -> type:
-    from dogbreeds.search import SearchConfig  # it lives with the search; search.py imports this module
-
-    return SearchConfig
-
-
 # The configuration classes, by their section name in `--config FILE.yaml`.
-SECTIONS = {"data": lambda: DataConfig, "train": lambda: TrainConfig,
-            "search": _search_config_class, "serve": lambda: ServeArgs}
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "search": SearchConfig, "serve": ServeArgs}
 
 # The values a string field accepts, where its class states them in its comment only.
 CHOICES = {"search.algorithm": ("random", "tpe"), "search.scheduler": ("asha", "none")}
 
 # Counts where 0 or less means nothing: refused when read, before anything starts.
 # Fractions: refused outside [0, 1] when read.
-FRACTIONS = {"train.fine_tune_fraction"}
+FRACTIONS = {"train.fine_tune_fraction", "data.zoom_out"}
 
 POSITIVE = {"train.epochs", "train.workers", "train.per_worker_batch_size", "train.cpus_per_worker",
             "search.trials", "search.concurrent_trials"}
@@ -221,7 +239,7 @@ POSITIVE = {"train.epochs", "train.workers", "train.per_worker_batch_size", "tra
 
 def section_class(section: str) -> type:
     """The configuration class of a section (`data`, `train`, `search`, `serve`)."""
-    return SECTIONS[section]()
+    return SECTIONS[section]
 
 
 class Setting(NamedTuple):

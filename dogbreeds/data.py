@@ -16,6 +16,7 @@ The flow, top to bottom:
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -376,6 +377,36 @@ def rotate_image(image: np.ndarray, angle: float) -> np.ndarray:
                           borderMode=cv2.BORDER_REFLECT)
 
 
+@register_op("zoom_out")
+def get_zoom_out(factor: float):
+    """Shrink the image to a random `1 - factor` to all of its side and put it at a random
+    place, the rest filled with its edges mirrored (as `rotate` fills its corners), decided by
+    the example's `seed`: a dog that filled a box crop becomes a smaller dog off centre, as in
+    a whole photo."""
+    if not 0 <= factor < 1:
+        raise ValueError(f"zoom_out must be in [0, 1), got {factor}")
+
+    def zoom_out(data):
+        image = data["image"]
+        scale, x, y = tf.unstack(tf.random.stateless_uniform([3], data["seed"] + 1, 0.0, 1.0))
+        scale = 1.0 - factor * scale
+        shrunk = tf.numpy_function(zoom_out_image, [image, scale, x, y], image.dtype, stateful=False)
+        shrunk.set_shape(image.shape)
+        return {**data, "image": shrunk}
+
+    return zoom_out
+
+
+def zoom_out_image(image: np.ndarray, scale: float, x: float, y: float) -> np.ndarray:
+    """`image` shrunk by `scale`, its free margin split `x` : 1 - x horizontally and `y` : 1 - y
+    vertically and filled with its edges mirrored; by OpenCV (outside the GIL, as `rotate_image`)."""
+    import cv2
+
+    height, width = image.shape[:2]
+    matrix = np.array([[scale, 0.0, x * (1 - scale) * width], [0.0, scale, y * (1 - scale) * height]])
+    return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
 @register_op("onehot")
 def get_onehot(num_classes: int):
     """An integer `label` -> a one-hot float32 vector."""
@@ -391,6 +422,8 @@ def augment_chain(config: DataConfig) -> str:
     ops = ["flip_lr"] if config.horizontal_flip else []
     if config.rotation_factor:
         ops.append(f"rotate({config.rotation_factor})")
+    if config.zoom_out:
+        ops.append(f"zoom_out({config.zoom_out})")
     return "|".join(ops)
 
 
@@ -453,24 +486,45 @@ def load_images(
     part = split.take(positions)
     what = part.name if num_shards == 1 else f"{part.name} (shard {shard_index + 1}/{num_shards})"
     cache_path = cache_file(part, image_size, config.cache_dir)
-    if os.path.exists(cache_path):
-        try:
-            cached = _read_cache(cache_path, len(part), image_size)
-            logger.debug("%s: %d photos from the cache %s", what, len(part), cache_path)
+    cached = _read_cache_if_sound(cache_path, len(part), image_size, what)
+    if cached is not None:
+        return cached
+    os.makedirs(config.cache_dir, exist_ok=True)
+    # One process decodes a split at a size; the others (concurrent trials, actors) wait for its
+    # cache instead of decoding the same photos at the same time.
+    with open(f"{cache_path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = _read_cache_if_sound(cache_path, len(part), image_size, what)
+        if cached is not None:
             return cached
-        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError, TypeError) as error:
-            logger.warning("cache file %s is unreadable (%s): deleting it and decoding again",
-                           cache_path, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
-            try:
-                os.remove(cache_path)
-            except FileNotFoundError:  # another worker removed it first
-                pass
+        return _decode_into_cache(part, image_size, tfds_dir or config.tfds_dir, cache_path, what)
+
+
+def _read_cache_if_sound(cache_path: str, count: int, image_size: int, what: str):
+    """What `load_images` cached at `cache_path`, or None if there is none; a cache file that
+    cannot be read is logged and deleted."""
+    if not os.path.exists(cache_path):
+        return None
+    try:
+        cached = _read_cache(cache_path, count, image_size)
+        logger.debug("%s: %d photos from the cache %s", what, count, cache_path)
+        return cached
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError, TypeError) as error:
+        logger.warning("cache file %s is unreadable (%s): deleting it and decoding again",
+                       cache_path, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+        try:
+            os.remove(cache_path)
+        except FileNotFoundError:  # another worker removed it first
+            pass
+    return None
+
+
+def _decode_into_cache(part: Split, image_size: int, tfds_dir: str | None, cache_path: str, what: str):
     progress = Progress(f"decoding {what}", len(part))
-    images, kept, skipped = decode_photos(part, image_size, tfds_dir or config.tfds_dir, progress)
+    images, kept, skipped = decode_photos(part, image_size, tfds_dir, progress)
     if len(part) and not len(kept):
         raise ValueError(f"no photo of {what} decodes: {describe_skipped(skipped)}")
     labels = part.labels[kept]
-    os.makedirs(config.cache_dir, exist_ok=True)
     temporary = f"{cache_path}.{os.getpid()}.tmp.npz"
     np.savez(temporary, images=images, labels=labels, skipped=json.dumps(skipped))
     os.replace(temporary, cache_path)  # atomic: concurrent workers never read half a file

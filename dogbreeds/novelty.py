@@ -13,8 +13,8 @@ dogs (95% by default) is never flagged.
     verdicts(probabilities, scores, info["threshold"], confidence_threshold=0.5)
     # -> ["breed", "unsure", "not_a_dog", ...]
 
-`measure_rates(bundle_dir, not_dog_dirs)` measures what the verdicts do on dogs the model has
-not seen (validation, test) and on folders of photos that are not dogs. On the quick
+`dogbreeds.bench.bench_novelty(bundle_dir, not_dog_dirs)` measures what the verdicts do on dogs
+the model has not seen (validation, test, whole photos) and on folders of photos that are not dogs. On the quick
 pipeline's bundle (mobilenet_025 at 128 px, six breeds of 64 px photos) it keeps 96% of the
 test dogs and flags 67% of ../shared/data/not_dogs_64 and 4 of the 10 ../shared/data/not_dogs:
 the frozen MobileNet 0.25's pooled features do not separate more (every score tried, Deep kNN
@@ -192,61 +192,3 @@ def calibrate(model, data_config, image_size: int, *, neighbours: int = NEIGHBOU
         "validation_kept": float(np.mean(scores <= threshold)),
     }
     return reference, info
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Measurement: what the verdicts do on unseen dogs and on photos that are not dogs.
-
-
-def folder_images(bundle, folder: str) -> np.ndarray:
-    """Every photo under `folder` (recursively, sorted), prepared by `bundle.prepare`, as
-    serving prepares an uploaded photo."""
-    from dogbreeds import data
-
-    paths = data.photo_files(folder)
-    if not paths:
-        raise ValueError(f"no photos in {folder}")
-    images = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            images.append(bundle.prepare(handle.read()))
-    return np.stack(images)
-
-
-def _rates(bundle, images: np.ndarray, confidence_threshold: float, batch_size: int) -> dict:
-    probabilities, scores = [], []
-    for start in range(0, len(images), batch_size):
-        batch_probabilities, batch_scores = bundle.predict_with_novelty(images[start:start + batch_size])
-        probabilities.append(batch_probabilities)
-        scores.append(batch_scores)
-    found = bundle.verdicts(np.concatenate(probabilities), np.concatenate(scores), confidence_threshold)
-    counts = {verdict: int(np.sum(found == verdict)) for verdict in VERDICTS}
-    return {"photos": len(found), **counts, "not_a_dog_rate": counts["not_a_dog"] / len(found)}
-
-
-def measure_rates(bundle_dir: str, not_dog_dirs: list[str] = (), other_dirs: list[str] = (), *,
-                  confidence_threshold: float = CONFIDENCE_THRESHOLD, batch_size: int = BATCH_SIZE) -> dict:
-    """The verdicts of an exported bundle on its validation and test dogs (rebuilt from the
-    bundle's configuration) and on each folder of photos; `kept` is the share of dogs not
-    flagged `not_a_dog`. `other_dirs` are folders measured the same way, for interest
-    (dogs of other breeds, dogs from another source)."""
-    from dogbreeds import data
-    from dogbreeds.config import DataConfig, from_dict
-    from dogbreeds.export import load_bundle
-
-    bundle = load_bundle(bundle_dir)
-    if not bundle.novelty_info:
-        raise ValueError(f"bundle has no novelty section (exported before novelty): {bundle_dir}")
-    data_config = from_dict(DataConfig, bundle.info["config"]["data"])
-    index = data.load_index(data_config)
-    rates = {"bundle": bundle.info["name"], "novelty": bundle.novelty_info, "dogs": {}, "not_dogs": {}, "other": {}}
-    for split in ("validation", "test"):
-        images, _, _ = data.load_images(index.splits[split], bundle.image_size, data_config)
-        found = _rates(bundle, images, confidence_threshold, batch_size)
-        rates["dogs"][split] = {**found, "kept": 1 - found["not_a_dog_rate"]}
-    for key, folders in (("not_dogs", not_dog_dirs), ("other", other_dirs)):
-        for folder in folders:
-            images = folder_images(bundle, folder)
-            rates[key][os.path.basename(os.path.normpath(folder))] = _rates(
-                bundle, images, confidence_threshold, batch_size)
-    return rates

@@ -39,28 +39,7 @@ import shutil
 from typing import Callable
 
 from dogbreeds import models, runs, spaces, study
-from dogbreeds.config import DataConfig, TrainConfig, to_dict
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
-    """How a search runs; the data and training configurations say what each trial does."""
-
-    # A YAML file, or the name of one in search_spaces/ (its `search:` says which search it is).
-    space: str
-    # How many configurations to try.
-    trials: int = 8
-    # Trials running at once; each takes `workers` x `cpus_per_worker` CPUs (and GPUs).
-    concurrent_trials: int = 1
-    # "random" (Optuna's RandomSampler) or "tpe" (its TPESampler), through Tune's OptunaSearch.
-    algorithm: str = "random"
-    # "asha" stops poor trials early (Keras Tuner's Hyperband idea); "none" runs all to the end.
-    scheduler: str = "asha"
-    # Retries of a crashed trial (it resumes from its last checkpoint).
-    max_trial_failures: int = 2
-    # Retrain the best configuration without the subset and evaluate it once on the test split
-    # (a cnn3v2 search; a head search always joins its best head to the backbone and tests it).
-    retrain_best: bool = True
+from dogbreeds.config import DataConfig, SearchConfig, TrainConfig, to_dict
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SAMPLE_DIR = SHARED / "data" / "stanford_dogs_sample"
 TINY_DIR = SHARED / "data" / "tiny_dogs_64"
+DOGS_224_DIR = SHARED / "data" / "stanford_dogs_224"
 NOT_DOGS_DIR = SHARED / "data" / "not_dogs"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots and reports kept after a run

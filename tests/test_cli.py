@@ -15,7 +15,7 @@ import pytest
 import dogbreeds
 from dogbreeds import cli, models
 from dogbreeds.config import DataConfig, ServeArgs, TrainConfig
-from dogbreeds.search import SearchConfig
+from dogbreeds.config import SearchConfig
 from tests.conftest import ROOT, SAMPLE_DIR, TINY_DIR
 
 

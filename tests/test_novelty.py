@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from dogbreeds import cli, data, novelty
+from dogbreeds import bench, cli, data, novelty
 from dogbreeds.config import DataConfig, from_dict
-from tests.conftest import NOT_DOGS_DIR, SHARED
+from tests.conftest import NOT_DOGS_DIR, SAMPLE_DIR, SHARED
 
 NOT_DOGS_64_DIR = SHARED / "data" / "not_dogs_64"
 OTHER_DOGS_DIR = SHARED / "data" / "other_dogs"
@@ -84,7 +84,8 @@ def bundle(bundle_dir):
 
 @pytest.fixture(scope="module")
 def rates(bundle_dir):
-    return novelty.measure_rates(bundle_dir, [str(NOT_DOGS_64_DIR), str(NOT_DOGS_DIR)], [str(OTHER_DOGS_DIR)])
+    return bench.bench_novelty(bundle_dir, [str(NOT_DOGS_64_DIR), str(NOT_DOGS_DIR)], [str(OTHER_DOGS_DIR)],
+                               [str(SAMPLE_DIR)])
 
 
 def _check_novelty_files(bundle_dir: str, layer: str, num_classes: int) -> dict:
@@ -133,11 +134,28 @@ def test_most_photos_that_are_not_dogs_are_flagged_and_test_dogs_are_kept(rates)
 
 
 @pytest.mark.slow
+def test_whole_photos_are_scored_against_the_bundles_own_breeds(bundle, rates):
+    """`--whole-dogs`: whole photos of the bundle's breeds (its six of the sample's 120), named
+    by their folders, with their top-1 beside the test split's and their verdicts."""
+    whole, test = rates["dogs"]["stanford_dogs_sample"], rates["dogs"]["test"]
+    ours = [path for path in data.photo_files(str(SAMPLE_DIR))
+            if data.breed_name(os.path.basename(os.path.dirname(path))) in bundle.class_names]
+    assert whole["photos"] == len(ours) > 0 and whole["other_breeds_left_out"] == 301 - len(ours)
+    assert sum(whole[verdict] for verdict in novelty.VERDICTS) == whole["photos"]
+    images, labels, _ = bench.whole_photos(bundle, str(SAMPLE_DIR))
+    top1 = float(np.mean(bundle.predict_arrays(images).argmax(axis=1) == labels))
+    assert whole["top1"] == pytest.approx(top1) and 0 < test["top1"] <= 1
+    assert whole["whole_over_test_top1"] == pytest.approx(top1 / test["top1"])
+    with pytest.raises(ValueError, match="no photos of the bundle's breeds"):
+        bench.whole_photos(bundle, str(NOT_DOGS_DIR))
+
+
+@pytest.mark.slow
 def test_every_photo_gets_one_of_the_three_verdicts(bundle, rates):
     for group in ("dogs", "not_dogs", "other"):
         for found in rates[group].values():
             assert sum(found[verdict] for verdict in novelty.VERDICTS) == found["photos"]
-    images = novelty.folder_images(bundle, str(NOT_DOGS_DIR))
+    images = bench.folder_images(bundle, str(NOT_DOGS_DIR))
     found = bundle.verdicts(*bundle.predict_with_novelty(images))
     assert found.shape == (len(images),) and set(found) <= set(novelty.VERDICTS)
 
@@ -149,7 +167,7 @@ def test_a_cnn3v2_bundle_gets_verdicts_too(cnn3v2_bundle_dir):
     cnn3v2 = load_bundle(cnn3v2_bundle_dir)
     info = _check_novelty_files(cnn3v2_bundle_dir, "predictions", len(cnn3v2.class_names))
     assert info["feature_dim"] == 128  # the input of the final Dense layer
-    images = np.concatenate([_validation_images(cnn3v2), novelty.folder_images(cnn3v2, str(NOT_DOGS_DIR))])
+    images = np.concatenate([_validation_images(cnn3v2), bench.folder_images(cnn3v2, str(NOT_DOGS_DIR))])
     probabilities, scores = cnn3v2.predict_with_novelty(images)
     assert probabilities.shape == (len(images), 6) and scores.shape == (len(images),)
     assert np.mean(scores[:-10] <= info["threshold"]) >= novelty.KEEP_QUANTILE

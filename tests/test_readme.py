@@ -187,6 +187,60 @@ def test_full_profile_rehearsal_runs_every_stage_at_full_size(rehearsal):
 
 
 @pytest.mark.slow
+def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, runs, tmp_path, capsys):
+    """The README's cpu profile (the study on all 120 breeds of stanford_dogs_224, within an
+    hour on 2 cores: a benchmark, not a test) as written, on a cut of its data: five photos of
+    each breed, one epoch, one trial. Every stage runs at the profile's sizes and leaves what
+    the full run leaves: the table, each stage's time and peak memory, a 120-breed bundle at
+    224 px, the report's error analysis."""
+    from dogbreeds import cli
+    from dogbreeds.export import load_bundle
+    from tests.conftest import DOGS_224_DIR
+
+    (command,) = [c for c in readme_commands("sh") if c.startswith("pipeline --profile cpu ")]
+    cut = tmp_path / "stanford_dogs_224_cut"
+    for breed in sorted((DOGS_224_DIR / "Images").iterdir()):
+        (cut / "Images" / breed.name).mkdir(parents=True)
+        for photo in sorted(breed.iterdir())[:5]:  # one for test, one for validation, three to train
+            (cut / "Images" / breed.name / photo.name).symlink_to(photo)
+    assert str(DOGS_224_DIR.relative_to(ROOT.parent)) in command
+    command = command.replace(f"../{DOGS_224_DIR.relative_to(ROOT.parent)}", str(cut))
+    run_readme_command(f"{command} --epochs 1 --trials 1 --concurrent-trials 1", runs)
+    printed = capsys.readouterr().out
+
+    run = runs / "cpu"
+    summary = json.loads((run / "pipeline.json").read_text())
+    stages = summary["settings"]["stages"]
+    assert summary["profile"] == "cpu" and summary["settings"]["ladder"] == ["cnn1", "cnn3", "cnn3v2"]
+    assert stages["head"]["data"]["image_size"] == stages["fine_tune"]["data"]["image_size"] == 224
+    assert stages["head"]["train"]["model"] == stages["fine_tune"]["train"]["model"] == "mobilenet_025"
+    assert stages["head"]["data"]["zoom_out"] == stages["fine_tune"]["data"]["zoom_out"]
+    table = {row["name"]: row for row in summary["table"]}
+    assert list(table) == ["cnn1 (ladder)", "cnn3 (ladder)", "cnn3v2 (ladder)", "cnn3v2", "head", "fine_tune"]
+    assert all(row["epochs"] == 1 and 0 <= row["test_top1"] <= 1 for row in table.values())
+    # Each stage's time and the peak memory of the driver and of Ray's workers, printed too.
+    assert list(summary["stages_run"]) == ["cnn3v2", "head", "fine_tune", "ladder", "export"]
+    for stage, timing in summary["stages_run"].items():
+        assert timing["seconds"] > 0 and timing["peak_mb"]["driver"] > 100, (stage, timing)
+        if stage != "export":  # trials, Ray Train workers and feature actors are Ray workers
+            assert timing["peak_mb"]["largest_worker"] > 100 and timing["peak_mb"]["all"] >= timing["peak_mb"]["driver"]
+        assert re.search(rf"^{stage}\s+{timing['seconds']:.0f}\s", printed, re.M), stage
+    bundle = load_bundle(str(run / "bundle"))
+    assert len(bundle.class_names) == 120 and bundle.image_size == 224
+    assert bundle.info["config"]["data"]["data_dir"] == str(cut)
+    # The error analysis of every final model, the exported one's among them: accuracy per breed
+    # (the worst breeds first) and the most confused pairs with photos of both breeds.
+    report = (run / "report.html").read_text()
+    assert "Comparison of the final models" in report
+    for stage in ("cnn3v2", "head", "fine_tune"):
+        for section in ("accuracy per breed", "most confused breeds"):
+            assert f"<h2>{stage} final model: {section}</h2>" in report, (stage, section)
+    assert report.count('<div class="pair">') >= 3 and 'class="breed predicted"' in report
+    cli._print_stages(summary["stages_run"])  # the same lines again, from pipeline.json
+    assert capsys.readouterr().out.splitlines()[1].startswith("cnn3v2")
+
+
+@pytest.mark.slow
 def test_pipeline_resume_with_more_trials_extends_one_search(quick_pipeline_extended, runs):
     """The README's `pipeline --resume --set head.trials=6` on the quick pipeline: the head
     search runs exactly 2 new trials (a second Tune experiment, on the same study) and keeps

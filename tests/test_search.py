@@ -16,7 +16,7 @@ import pytest
 
 from dogbreeds import cli, models, search, spaces
 from dogbreeds.config import DataConfig, TrainConfig
-from dogbreeds.search import SearchConfig
+from dogbreeds.config import SearchConfig
 from tests.conftest import (
     MOBILENET_WEIGHTS, ROOT, TINY_DIR, assert_study_holds, dashboard_studies, finished_in_tune_state, free_port,
 )
