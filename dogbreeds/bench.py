@@ -248,14 +248,14 @@ def _sample_head_configs(trials: int, seed: int) -> list[dict]:
 
 def _time_cached_trials(configs, train_config, features: dict, num_classes: int, scratch: str):
     """(seconds, final validation accuracy) of each head trial on the cached features."""
-    from dogbreeds import search
+    from dogbreeds.search.head import fit_head
 
     seconds, accuracy = [], []
     for number, values in enumerate(configs):
         trial_dir = os.path.join(scratch, f"cached{number}")
         os.makedirs(trial_dir)
         started = time.perf_counter()
-        _, history = search.fit_head(values, train_config, features, num_classes, trial_dir)
+        _, history = fit_head(values, train_config, features, num_classes, trial_dir)
         seconds.append(time.perf_counter() - started)
         accuracy.append(history[-1]["val_accuracy"])
     return seconds, accuracy
@@ -295,13 +295,14 @@ def _time_tune_train_trial(values: dict, train_config, data_config: DataConfig, 
     from ray import tune
 
     from dogbreeds import search
+    from dogbreeds.search.train_trials import TRAIN_TRIAL_RESOURCES
 
     head_hparams, overrides = search.split_values(train_config.model, values)
     trial_config = dataclasses.replace(train_config, hparams=head_hparams, **overrides)
     trainable = tune.with_parameters(_tune_train_trial, data_config=data_config, train_config=trial_config, run_dir=os.path.join(scratch, "tune_train"))
     started = time.perf_counter()
     results = tune.Tuner(
-        tune.with_resources(trainable, search.TRAIN_TRIAL_RESOURCES),
+        tune.with_resources(trainable, TRAIN_TRIAL_RESOURCES),
         run_config=tune.RunConfig(storage_path=os.path.join(scratch, "tune"), name="bench"),
     ).fit()
     seconds = time.perf_counter() - started

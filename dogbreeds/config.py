@@ -9,7 +9,7 @@ search runs; `ServeArgs` (a frozen pydantic model: `serve deploy` validates a co
 its reason are written once.
 
 Every field a user can set is a `Setting` (`settable_fields`: its type, default, reason and
-checks), from which `dogbreeds.cli` derives its options and `read_settings_file` reads
+checks), from which `dogbreeds.options` derives its options and `read_settings_file` reads
 `--config FILE.yaml`; a value is checked the same way from either.
 
 Light on purpose (pydantic, no TensorFlow or Ray): the CLI imports it to build its options.
@@ -220,7 +220,7 @@ def to_dict(config) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fields a user sets: on the command line (dogbreeds.cli) or in `--config FILE.yaml`.
+# The fields a user sets: on the command line (dogbreeds.options) or in `--config FILE.yaml`.
 
 
 # The configuration classes, by their section name in `--config FILE.yaml`.

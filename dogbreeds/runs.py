@@ -37,7 +37,7 @@ CHECKPOINT_STATE = "state.json"  # in a Ray checkpoint: epochs done, history, le
 RUN_FILES = (MODEL, METRICS, CONFUSIONS, HISTORY)
 
 # ---------------------------------------------------------------------------------------------
-# A search (search.py).
+# A search (the search package).
 
 SEARCH_CONFIG = "search.json"  # the resolved data, training and search configuration, versions
 RESULTS = "results.csv"  # one row per trial: status, seconds, best val_accuracy, values
@@ -75,7 +75,7 @@ def write_final_run(run_dir: str, *, model, metrics: dict, history: list, confus
                     config: dict | None = None) -> None:
     """Write a finished run's files into `run_dir`: the one writer of a final run, used by a
     training run (train.py, into the checkpoint its driver copies with `copy_run_files`) and by
-    the head search's joined model (search.py's `final/`).
+    a search's tested model (search/final.py's `evaluate_final`: the joined head, fine-tuning's).
 
     `model` is a Keras model (saved) or the path of a saved `model.keras` (copied unless it is
     already there); `confusions` are `evaluate.confusions`' rows; `config` (config.json) is
@@ -114,9 +114,9 @@ def record_placement_group(run_dir: str, group) -> None:
     Why a file: a cnn3v2 trial's Ray Train run lives in an actor that Tune ends when its
     scheduler stops the trial; the run's controller dies with it, before it can remove its
     workers' placement group, and such a group outlives its creator (ray-project/ray#54305).
-    The search (search.py's `_release_stopped_runs`, a Tune callback in the driver) must free
-    it, and the only thing both sides share is the trial's directory. `group` is a
-    `ray.util.placement_group.PlacementGroup`; its id is written as hex.
+    The search (search/train_trials.py's `release_stopped_runs`, a Tune callback in the
+    driver) must free it, and the only thing both sides share is the trial's directory. `group`
+    is a `ray.util.placement_group.PlacementGroup`; its id is written as hex.
     """
     directory = os.path.join(run_dir, RAY)
     os.makedirs(directory, exist_ok=True)

@@ -4,7 +4,7 @@ A file in `search_spaces/` (shipped in the wheel as `dogbreeds.search_spaces`) s
 it is for, what the search maximises or minimises, and its hyperparameters in Keras Tuner's
 vocabulary:
 
-    search: cnn3v2             # a kind registered in search.py's SEARCHES
+    search: cnn3v2             # a kind registered in dogbreeds.search's SEARCHES
     model: cnn3v2              # the model its trials train (a cnn3v2 search only)
     metric: val_accuracy       # one of METRICS; chooses the best trial and drives ASHA
     hyperparameters:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 import dogbreeds
-from dogbreeds import cli, models
+from dogbreeds import cli, commands, models, options
 from dogbreeds.config import DataConfig, ServeArgs, TrainConfig
 from dogbreeds.config import SearchConfig
 from tests.conftest import ROOT, SAMPLE_DIR, TINY_DIR
@@ -32,7 +32,7 @@ def _our_lines(stderr: str) -> list[str]:
 
 def _commands(parser=None, prefix=()):
     """Every (sub)command of the CLI, found from the parser itself."""
-    parser = parser or cli.build_parser()
+    parser = parser or options.build_parser()
     found = [prefix]
     for action in parser._subparsers._group_actions if parser._subparsers else []:
         for name, child in action.choices.items():
@@ -96,7 +96,7 @@ def test_bench_pipeline_prints_and_writes_json(tmp_path, capsys, cache_dir):
 
 
 def _parse(*argv):
-    args = cli.build_parser().parse_args(list(argv))
+    args = options.build_parser().parse_args(list(argv))
     args._file = {}
     return args
 
@@ -127,23 +127,23 @@ def test_fields_no_command_line_could_set_are_options():
     args = _parse("train", "cnn3v2", "--output", "x", "--validation-fraction", "0.2", "--rotation-factor", "0",
                   "--no-horizontal-flip", "--early-stopping-patience", "3", "--label-smoothing", "0.1",
                   "--max-failures", "0", "--weights", "none")
-    assert cli._data_config(args) == DataConfig(validation_fraction=0.2, rotation_factor=0.0, horizontal_flip=False)
-    assert cli._train_config(args, model="cnn3v2") == TrainConfig(
+    assert commands._data_config(args) == DataConfig(validation_fraction=0.2, rotation_factor=0.0, horizontal_flip=False)
+    assert commands._train_config(args, model="cnn3v2") == TrainConfig(
         early_stopping_patience=3, label_smoothing=0.1, max_failures=0, weights=None)
     search = _parse("search", "cnn3v2", "--output", "x", "--max-trial-failures", "0", "--no-retrain")
-    assert cli._search_config(search) == SearchConfig(space="cnn3v2", max_trial_failures=0, retrain_best=False)
+    assert commands._search_config(search) == SearchConfig(space="cnn3v2", max_trial_failures=0, retrain_best=False)
 
 
 def test_known_flag_names_stay_as_aliases():
     train = _parse("train", "cnn3v2", "--output", "x", "--batch-size", "8", "--seed", "3")
-    assert cli._train_config(train, model="cnn3v2").per_worker_batch_size == 8
-    assert cli._train_config(train).seed == cli._data_config(train).seed == 3  # one --seed, both fields
+    assert commands._train_config(train, model="cnn3v2").per_worker_batch_size == 8
+    assert commands._train_config(train).seed == commands._data_config(train).seed == 3  # one --seed, both fields
     head = _parse("search", "head", "--backbone", "mobilenet_025", "--output", "x", "--views", "3")
-    assert cli._data_config(head).augmented_views == 3  # --views is --augmented-views
-    assert cli._data_config(_parse("search", "head", "--backbone", "mobilenet_025", "--output", "x")).augmented_views == 2
+    assert commands._data_config(head).augmented_views == 3  # --views is --augmented-views
+    assert commands._data_config(_parse("search", "head", "--backbone", "mobilenet_025", "--output", "x")).augmented_views == 2
     serve = _parse("serve", "b", "--replicas", "2", "--cpus-per-replica", "0.5", "--max-upload-mb", "1",
                    "--examples", "e", "--allowed-hosts", "a", "b")
-    assert cli.settings(serve, "serve") == {"num_replicas": 2, "num_cpus_per_replica": 0.5, "max_upload_bytes": 1024 * 1024,
+    assert options.settings(serve, "serve") == {"num_replicas": 2, "num_cpus_per_replica": 0.5, "max_upload_bytes": 1024 * 1024,
                                             "examples_dir": "e", "allowed_hosts": ("a", "b")}
 
 
@@ -156,7 +156,7 @@ def test_known_flag_names_stay_as_aliases():
 ])
 def test_flags_that_would_be_ignored_or_wrong_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.build_parser().parse_args(argv)
+        options.build_parser().parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -164,10 +164,10 @@ def test_config_file_sets_fields_and_the_command_line_wins(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  image_size: 32\n  rotation_factor: 0.0\ntrain:\n  epochs: 2\n  label_smoothing: 0.1\n"
                     "  hparams: {filters_1: 8}\n")
-    args = cli.build_parser().parse_args(["train", "cnn3v2", "--output", "x", "--config", str(path), "--epochs", "4"])
-    cli._read_config_file(args)
-    assert cli._data_config(args) == DataConfig(image_size=32, rotation_factor=0.0)
-    assert cli._train_config(args, model="cnn3v2") == TrainConfig(epochs=4, label_smoothing=0.1, hparams={"filters_1": 8})
+    args = options.build_parser().parse_args(["train", "cnn3v2", "--output", "x", "--config", str(path), "--epochs", "4"])
+    options.read_config_file(args)
+    assert commands._data_config(args) == DataConfig(image_size=32, rotation_factor=0.0)
+    assert commands._train_config(args, model="cnn3v2") == TrainConfig(epochs=4, label_smoothing=0.1, hparams={"filters_1": 8})
 
 
 def test_pipeline_applies_image_size_and_options_to_every_search():
@@ -189,12 +189,12 @@ def test_pipeline_options_set_every_search_and_set_one():
     the head search's model; a value is read as YAML and checked as its option's."""
     from dogbreeds import pipeline
 
-    args = cli.build_parser().parse_args([
+    args = options.build_parser().parse_args([
         "pipeline", "--output", "x", "--trials", "3", "--set", "head.trials=6", "--set", "cnn3v2.image-size=32",
         "--set", "head.horizontal_flip=false", "--set", "cnn3v2.seed=7", "--backbone", "xception",
     ])
-    stages = cli.stage_settings(args)
-    resolved = pipeline.resolve_stages("quick", search=cli.settings(args, "search"), stages=stages)
+    stages = commands.stage_settings(args)
+    resolved = pipeline.resolve_stages("quick", search=options.settings(args, "search"), stages=stages)
     (cnn3v2_data, cnn3v2_train, cnn3v2_search), (head_data, head_train, head_search) = list(resolved.values())[:2]
     assert (cnn3v2_search.trials, head_search.trials) == (3, 6)
     assert (cnn3v2_data.image_size, head_data.image_size) == (32, 128)
@@ -205,7 +205,7 @@ def test_pipeline_options_set_every_search_and_set_one():
     assert resolved["fine_tune"][0] == dataclasses.replace(head_data, augmented_views=0)
     for bad in ("head.trials", "tail.trials=1", "head.image_size=many"):
         with pytest.raises(ValueError, match="--set"):
-            cli.stage_settings(cli.build_parser().parse_args(["pipeline", "--output", "x", "--set", bad]))
+            commands.stage_settings(options.build_parser().parse_args(["pipeline", "--output", "x", "--set", bad]))
 
 
 def test_pipeline_compares_each_backbones_frozen_head():
@@ -220,7 +220,7 @@ def test_pipeline_compares_each_backbones_frozen_head():
     assert data == full["head"][0] and search.trials == 5
     assert list(pipeline.resolve_stages("quick")) == list(pipeline.STAGES)
     for text, expected in (("", []), ("mobilenet_025,xception", ["head_xception"])):
-        args = cli.build_parser().parse_args(["pipeline", "--output", "x", "--compare-backbones", text])
+        args = options.build_parser().parse_args(["pipeline", "--output", "x", "--compare-backbones", text])
         resolved = pipeline.resolve_stages("quick", compare_backbones=args.compare_backbones)
         assert list(resolved) == [*pipeline.STAGES, *expected]
 
@@ -336,7 +336,7 @@ def test_any_other_error_is_one_line_and_verbose_shows_its_traceback(tmp_path, m
     def broken(args):
         raise KeyError()
 
-    monkeypatch.setitem(cli.COMMANDS, "models", broken)
+    monkeypatch.setitem(commands.COMMANDS, "models", broken)
     assert cli.main(["models"]) == 1
     assert capsys.readouterr().err == "dogbreeds models: error: KeyError\n"  # the type when no message
     assert cli.main(["models", "--verbose"]) == 1

@@ -83,7 +83,7 @@ def _load_entry_point(name):
 
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
 def test_entry_point_takes_the_clis_options(name):
-    from dogbreeds import cli
+    from dogbreeds import cli, options
 
     module = _load_entry_point(name)
     assert module.SUBCOMMAND == [ENTRY_POINTS[name]]
@@ -93,7 +93,7 @@ def test_entry_point_takes_the_clis_options(name):
         "train": ["xception", "--workers", "4", "--output", "runs/xception"],
         "serve": ["runs/bundle"],
     }
-    args = cli.build_parser().parse_args(cli.on_storage(module.SUBCOMMAND + samples[name]))
+    args = options.build_parser().parse_args(cli.on_storage(module.SUBCOMMAND + samples[name]))
     assert args.command == ENTRY_POINTS[name]
 
 

@@ -131,9 +131,9 @@ def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
         assert row["exported"] == (name == summary["chosen"]) and name in report
     assert table["head"]["trainable_params"] < table["fine_tune"]["trainable_params"] < table["fine_tune"]["total_params"]
     assert "Comparison of the final models" in report
-    from dogbreeds import cli
+    from dogbreeds import commands
 
-    cli._print_table(summary["table"])
+    commands._print_table(summary["table"])
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == [n.split()[0] for n in table]
     bundle = load_bundle(str(quick / "bundle"))
     assert bundle.info["version"] == summary["bundle"]["version"] and len(bundle.class_names) == 6
@@ -193,7 +193,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
     each breed, one epoch, one trial. Every stage runs at the profile's sizes and leaves what
     the full run leaves: the table, each stage's time and peak memory, a 120-breed bundle at
     224 px, the report's error analysis."""
-    from dogbreeds import cli
+    from dogbreeds import commands
     from dogbreeds.export import load_bundle
     from tests.conftest import DOGS_224_DIR
 
@@ -236,7 +236,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
         for section in ("accuracy per breed", "most confused breeds"):
             assert f"<h2>{stage} final model: {section}</h2>" in report, (stage, section)
     assert report.count('<div class="pair">') >= 3 and 'class="breed predicted"' in report
-    cli._print_stages(summary["stages_run"])  # the same lines again, from pipeline.json
+    commands._print_stages(summary["stages_run"])  # the same lines again, from pipeline.json
     assert capsys.readouterr().out.splitlines()[1].startswith("cnn3v2")
 
 
@@ -290,7 +290,7 @@ def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(quick_pipeli
 
     from playwright.sync_api import sync_playwright
 
-    from dogbreeds import cli
+    from dogbreeds import options
     from tests.test_serve import BROWSER_ARGS
 
     (command,) = [command for command in readme_commands("sh") if command.startswith("dashboard ")]
@@ -335,4 +335,4 @@ def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(quick_pipeli
         server.wait(timeout=30)
     # The cluster's command (README, Running on a cluster) is the same command on the run storage.
     (remote,) = re.findall(r"--port-forward 8080 '(dogbreeds dashboard [^']+)'", README)
-    assert cli.build_parser().parse_args(shlex.split(remote)[1:]).command == "dashboard"
+    assert options.build_parser().parse_args(shlex.split(remote)[1:]).command == "dashboard"

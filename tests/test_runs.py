@@ -70,8 +70,9 @@ RUN_FILE_NAMES = [runs.CONFIG, runs.MODEL, runs.METRICS, runs.HISTORY, runs.CONF
                   runs.SEARCH_CONFIG, runs.CHECKPOINT_STATE, runs.CHECKPOINT_WEIGHTS]
 
 
-@pytest.mark.parametrize("module", ["train.py", "search.py", "spaces.py", "report/run.py", "report/page.py",
-                                    "report/photos.py"])
+@pytest.mark.parametrize("module", ["train.py", "search/registry.py", "search/tuning.py", "search/train_trials.py",
+                                    "search/final.py", "search/cnn3v2.py", "search/head.py", "search/fine_tune.py",
+                                    "spaces.py", "report/run.py", "report/page.py", "report/photos.py"])
 def test_run_file_names_are_spelled_only_in_runs(module):
     text = (ROOT / "dogbreeds" / module).read_text()
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 
 from dogbreeds import cli, models, search, spaces
+from dogbreeds.search.final import final_stands
+from dogbreeds.search.head import fit_head
+from dogbreeds.search.tuning import run_tuner, start_search, write_results
 from dogbreeds.config import DataConfig, TrainConfig
 from dogbreeds.config import SearchConfig
 from tests.conftest import (
@@ -172,7 +175,7 @@ def test_the_good_space_file_of_the_bad_ones_passes(tmp_path):
 
 
 def test_checking_a_space_imports_neither_tensorflow_nor_ray():
-    """The CLI imports search.py to build its options and checks a file before Ray starts."""
+    """The CLI imports the search package to build its options and checks a file before Ray starts."""
     script = (
         "import sys; from dogbreeds import search; "
         "search.check_space('cnn3v2', 'cnn3v2'); search.check_space('transfer_head', 'head', 'xception'); "
@@ -204,15 +207,15 @@ def test_a_space_of_another_kind_fails_before_anything_is_created(tmp_path):
 def test_a_search_saves_its_resolved_configuration(tmp_path):
     space = search.check_space("cnn3v2", "cnn3v2")
     config = SearchConfig(space="cnn3v2", trials=3)
-    output = search._start_search(str(tmp_path / "out"), DataConfig(image_size=32), TrainConfig(epochs=2),
-                                  config, space, resume=False)
+    output = start_search(str(tmp_path / "out"), DataConfig(image_size=32), TrainConfig(epochs=2),
+                          config, space, resume=False)
     saved = json.loads((tmp_path / "out" / "search.json").read_text())
     assert saved["search"] == {**vars(config)} and saved["space"]["model"] == "cnn3v2"
     assert saved["data"]["image_size"] == 32 and saved["train"]["epochs"] == 2
     assert saved["space"]["metric"] == "val_accuracy" and saved["versions"]["python"]
     (tmp_path / "out" / "tune" / "search").mkdir(parents=True)  # a search ran here
     with pytest.raises(ValueError, match="holds a search already"):
-        search._start_search(output, DataConfig(), TrainConfig(), SearchConfig(space="cnn3v2", trials=9), space, resume=False)
+        start_search(output, DataConfig(), TrainConfig(), SearchConfig(space="cnn3v2", trials=9), space, resume=False)
     assert json.loads((tmp_path / "out" / "search.json").read_text()) == saved  # left alone
 
 
@@ -249,11 +252,11 @@ def test_the_space_metric_chooses_the_best_trial(tmp_path):
         _Result("a", [{"epoch": 1, "val_accuracy": 0.5, "val_loss": 1.2}, {"epoch": 2, "val_accuracy": 0.6, "val_loss": 1.1}], config),
         _Result("b", [{"epoch": 1, "val_accuracy": 0.4, "val_loss": 0.9}, {"epoch": 2, "val_accuracy": 0.45, "val_loss": 1.0}], config),
     ]
-    by_loss = search.write_results(results, names, str(tmp_path), "head", "val_loss")
+    by_loss = write_results(results, names, str(tmp_path), "head", "val_loss")
     assert (by_loss["trial_id"], by_loss["metric"], by_loss["val_loss"]) == ("b", "val_loss", 0.9)
     assert by_loss["val_accuracy"] == 0.4  # the accuracy at the trial's best epoch by loss
     assert json.loads((tmp_path / "best.json").read_text()) == by_loss
-    by_accuracy = search.write_results(results, names, str(tmp_path), "head")
+    by_accuracy = write_results(results, names, str(tmp_path), "head")
     assert (by_accuracy["trial_id"], by_accuracy["val_accuracy"]) == ("a", 0.6)
 
 
@@ -263,12 +266,12 @@ def test_an_extended_search_retrains_final_only_if_its_best_trial_changed(tmp_pa
     (final / "metrics.json").write_text("{}")
     earlier = {"trial_id": "a", "final": {"validation": 0.5, "test": 0.4}}
     same = {"trial_id": "a"}
-    assert search._final_stands(str(tmp_path), earlier, same) and same["final"] == earlier["final"]
+    assert final_stands(str(tmp_path), earlier, same) and same["final"] == earlier["final"]
     assert final.is_dir()  # the best trial's final model stands
     unfinished = {"trial_id": "a"}  # a resumed search stopped while training final/: go on with it
-    assert not search._final_stands(str(tmp_path), {"trial_id": "a"}, unfinished) and final.is_dir()
+    assert not final_stands(str(tmp_path), {"trial_id": "a"}, unfinished) and final.is_dir()
     other = {"trial_id": "b"}
-    assert not search._final_stands(str(tmp_path), earlier, other) and "final" not in other
+    assert not final_stands(str(tmp_path), earlier, other) and "final" not in other
     assert not final.exists()  # another trial's final model: removed, to be trained afresh
 
 
@@ -362,8 +365,8 @@ def test_a_search_is_an_optuna_study_and_extends(ray_cluster, tmp_path):
     space = search.check_space("transfer_head")
     trainable = tune.with_resources(_toy_trial, {"CPU": 1})
     config = SearchConfig(space="transfer_head", trials=3, scheduler="asha")
-    first = search.run_tuner(trainable, space, config, str(tmp_path), False, seed=0)
-    more = search.run_tuner(trainable, space, dataclasses.replace(config, trials=5), str(tmp_path), True, seed=0)
+    first = run_tuner(trainable, space, config, str(tmp_path), False, seed=0)
+    more = run_tuner(trainable, space, dataclasses.replace(config, trials=5), str(tmp_path), True, seed=0)
     first_ids = {result.metrics["trial_id"] for result in first}
     assert len(first) == 3 and len(more) == 5
     record = study.load(str(tmp_path), "search")
@@ -503,7 +506,7 @@ def test_cached_features_and_end_to_end_give_the_same_head(ray_cluster, head_fea
     features = cache_features(index, "mobilenet_025", str(MOBILENET_WEIGHTS), 96, 1, data_config, str(head_features))
     assert features["cached"]
     (tmp_path / "cached").mkdir()
-    _, history = search.fit_head({}, train_config, features, index.num_classes, str(tmp_path / "cached"))
+    _, history = fit_head({}, train_config, features, index.num_classes, str(tmp_path / "cached"))
     end_to_end = run_training(data_config, train_config, str(tmp_path / "e2e"), evaluate_test=False)
     cached_accuracy = history[-1]["val_accuracy"]
     e2e_accuracy = json.loads((tmp_path / "e2e" / "history.json").read_text())[-1]["val_accuracy"]
