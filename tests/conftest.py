@@ -355,6 +355,8 @@ README_RUN_FIXTURES = {
     "bench heads ": "readme_bench_heads",
     "pipeline --profile full ": "rehearsal",
 }
+# README commands of the long tier (`pytest -m long`): minutes each, covered by no faster test.
+LONG_README_RUNS = ("pipeline --profile full ",)
 
 
 @pytest.fixture(scope="session")

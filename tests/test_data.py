@@ -7,7 +7,9 @@ import json
 import os
 import re
 import shutil
+import time
 
+import cv2
 import numpy as np
 import pytest
 import scipy.io
@@ -37,6 +39,7 @@ OP_CASES = {
     "resize": ("resize(16)", _example),
     "flip_lr": ("flip_lr", _example),
     "rotate": ("rotate(0.1)", _example),
+    "zoom_out": ("zoom_out(0.5)", _example),
     "onehot": ("onehot(5)", _example),
 }
 
@@ -70,6 +73,30 @@ def test_ops_do_what_they_say():
     np.testing.assert_array_equal(onehot, [0, 0, 0, 1, 0])
     with pytest.raises(ValueError, match="unknown preprocessing op"):
         data.build_ops("decode|sharpen(2)")
+
+
+def test_zoom_out_shrinks_the_photo_to_a_random_place_with_mirrored_margins():
+    """A box crop made to look like a whole photo: the photo, shrunk to between 1 - factor and
+    all of its side, sits whole somewhere in the frame; around it, its own edges mirrored."""
+    photo = next(SAMPLE_DIR.glob("Images/n02085620-Chihuahua/*")).read_bytes()
+    image = data.decode_and_resize(photo, 64)
+    shrunk = data.zoom_out_image(image, 0.5, 1.0, 0.0)  # half the side, top right
+    expected = cv2.resize(image, (32, 32), interpolation=cv2.INTER_LINEAR)
+    difference = {corner: np.abs(shrunk[rows, columns].astype(int) - expected).mean() for corner, (rows, columns) in
+                  {"top right": (slice(0, 32), slice(32, 64)), "bottom left": (slice(32, 64), slice(0, 32))}.items()}
+    assert difference["top right"] < 12 < 2 * 12 < difference["bottom left"], difference  # sampled apart, not moved
+    margin, mirror = shrunk[:32, 31 - np.arange(8)].astype(int), shrunk[:32, 32 + np.arange(8)].astype(int)
+    assert np.abs(margin - mirror).mean() < 12 < np.abs(margin - margin.mean()).mean()  # mirrored, not flat
+    assert np.array_equal(data.zoom_out_image(image, 1.0, 0.3, 0.7), image)
+    example = {**_example(), "image": tf.constant(image)}
+    zoomed = [data.build_ops("zoom_out(0.4)")({**example, "seed": tf.constant([seed, 0], tf.int64)})["image"].numpy()
+              for seed in range(4)]
+    assert all(z.shape == image.shape and not np.array_equal(z, image) for z in zoomed)
+    assert len({z.tobytes() for z in zoomed}) == 4  # each seed its own scale and place
+    assert np.array_equal(data.build_ops("zoom_out(0.0)")(example)["image"].numpy(), image)
+    with pytest.raises(ValueError, match="zoom_out must be in"):
+        data.build_ops("zoom_out(1.0)")
+    assert data.augment_chain(DataConfig(zoom_out=0.4)) == "flip_lr|rotate(0.1)|zoom_out(0.4)"
 
 
 @pytest.mark.parametrize("angle", [0.0, 0.3, -1.2, 2.5])
@@ -338,7 +365,38 @@ def test_a_split_where_no_photo_decodes_is_a_one_line_error(tmp_path):
     message = str(raised.value)
     assert "\n" not in message and "function_node" not in message
     assert message.startswith("no photo of train decodes: 3 not a JPEG/PNG/GIF/BMP/WebP image, 1 empty file; first: ")
-    assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")  # nothing cached
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.npz"))  # nothing cached
+
+
+def test_concurrent_loads_of_a_split_decode_it_once(tmp_path, monkeypatch):
+    """Two trials (here two threads) that ask for the same split at the same size at once:
+    one decodes, the other waits for its cache and reads it."""
+    import threading
+
+    root = _small_folder(tmp_path, per_breed=4)
+    config = DataConfig(data_dir=str(root), cache_dir=str(tmp_path / "cache"), test_fraction=0.0, validation_fraction=0.0)
+    split = data.load_index(config).splits["train"]
+    decode, calls, both_asked = data.decode_photos, [], threading.Barrier(2)
+
+    def slow_decode(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        time.sleep(1.0)  # the other thread asks while this one decodes
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(data, "decode_photos", slow_decode)
+    results = {}
+
+    def load(name):
+        both_asked.wait()
+        results[name] = data.load_images(split, 16, config)
+
+    threads = [threading.Thread(target=load, args=(name,), name=name) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(calls) == 1 and sorted(results) == ["first", "second"]
+    np.testing.assert_array_equal(results["first"][0], results["second"][0])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "random_bytes", "wrong_arrays"])
@@ -348,7 +406,7 @@ def test_a_corrupt_cache_file_is_discarded_and_rebuilt(tmp_path, caplog, damage)
     split = data.load_index(config).splits["train"]
     images, labels, skipped = data.load_images(split, 16, config)
     path = data.cache_file(split, 16, config.cache_dir)
-    assert os.listdir(config.cache_dir) == [os.path.basename(path)]  # no temporary file left
+    assert sorted(os.listdir(config.cache_dir)) == [os.path.basename(path), os.path.basename(path) + ".lock"]  # no temporary file
     whole = open(path, "rb").read()
     if damage == "truncate":
         open(path, "wb").write(whole[: len(whole) // 2])

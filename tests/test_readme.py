@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import (
-    ARTIFACTS, README_RUN_FIXTURES, README_SETUP as SETUP, ROOT, dashboard_studies, free_port, readme_commands,
+    ARTIFACTS, LONG_README_RUNS, README_RUN_FIXTURES, README_SETUP as SETUP, ROOT, dashboard_studies, free_port, readme_commands,
     run_readme_command,
 )
 
@@ -36,8 +36,13 @@ def test_the_quick_start_has_two_commands_and_ci_runs_the_second():
     assert second in (ROOT / ".ci" / "run").read_text()
 
 
+def _tiered(commands: list[str]) -> list:
+    """The README's commands, those of the long tier (LONG_README_RUNS) marked so."""
+    return [pytest.param(c, marks=pytest.mark.long) if c.startswith(LONG_README_RUNS) else c for c in commands]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", readme_commands())
+@pytest.mark.parametrize("command", _tiered(readme_commands()))
 def test_readme_command(command, ray_cluster, runs, request):
     shared = [fixture for prefix, fixture in README_RUN_FIXTURES.items() if command.startswith(prefix)]
     if shared:  # run as written once for the session, by the fixture other tests check it through
@@ -142,7 +147,7 @@ def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
     assert probabilities.shape == (1, 6) and abs(float(probabilities.sum()) - 1) < 1e-4
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_full_profile_rehearsal_runs_every_stage_at_full_size(rehearsal):
     """The README's rehearsal of the full profile, in its own process on this machine's cores:
     Xception (and ResNet50V2's head, for the table) at 299 px on all 120 breeds, nine views, TPE with ASHA, two Ray Train workers per
@@ -186,7 +191,7 @@ def test_full_profile_rehearsal_runs_every_stage_at_full_size(rehearsal):
     assert "dogbreeds pipeline" in processes and "RayTrainWorker" in processes and "raylet" in processes
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, runs, tmp_path, capsys):
     """The README's cpu profile (the study on all 120 breeds of stanford_dogs_224, within an
     hour on 2 cores: a benchmark, not a test) as written, on a cut of its data: five photos of
