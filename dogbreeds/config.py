@@ -29,6 +29,8 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import pydantic
 
+from dogbreeds import spaces
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -85,6 +87,10 @@ class TrainConfig:
     learning_rate: float = 1e-3
     # Stop after this many epochs without a better validation loss, keeping the best weights.
     early_stopping_patience: int = 8
+    # The epoch whose weights the run keeps: early stopping's best validation loss (the
+    # study's), or a search's metric (`val_accuracy`, ...), so that a trial's model is the epoch
+    # its search scored it by.
+    keep_best_by: str = "val_loss"
     # Lower the learning rate when validation loss stalls this many epochs...
     reduce_lr_patience: int = 3
     # ...multiplying it by this factor.
@@ -227,7 +233,8 @@ def to_dict(config) -> dict[str, Any]:
 SECTIONS = {"data": DataConfig, "train": TrainConfig, "search": SearchConfig, "serve": ServeArgs}
 
 # The values a string field accepts, where its class states them in its comment only.
-CHOICES = {"search.algorithm": ("random", "tpe"), "search.scheduler": ("asha", "none")}
+CHOICES = {"search.algorithm": ("random", "tpe"), "search.scheduler": ("asha", "none"),
+           "train.keep_best_by": tuple(spaces.METRICS)}
 
 # Counts where 0 or less means nothing: refused when read, before anything starts.
 # Fractions: refused outside [0, 1] when read.

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from dogbreeds import data, evaluate, models, runs
+from dogbreeds import data, evaluate, models, runs, spaces
 from dogbreeds.config import DataConfig, TrainConfig, from_dict, to_dict
 
 
@@ -46,13 +46,15 @@ def compile_model(model, train_config: TrainConfig) -> None:
 
 def build_callbacks(train_config: TrainConfig, log_dir: str) -> list:
     """The study's schedule: early stopping on validation loss keeping the best weights, the
-    learning rate lowered on plateau; and TensorBoard logs."""
+    learning rate lowered on plateau; and TensorBoard logs. With `keep_best_by` another metric
+    (a search's), the weights kept are its best epoch's instead."""
     import tf_keras as keras
 
-    return [
+    by_loss = train_config.keep_best_by == "val_loss"
+    callbacks = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=train_config.early_stopping_patience,
-            restore_best_weights=True,
+            restore_best_weights=by_loss,
         ),
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=train_config.reduce_lr_factor,
@@ -60,6 +62,12 @@ def build_callbacks(train_config: TrainConfig, log_dir: str) -> list:
         ),
         keras.callbacks.TensorBoard(log_dir=log_dir),
     ]
+    if not by_loss:  # Keras' own keeper of the best weights, told never to stop
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=train_config.keep_best_by, mode=spaces.METRICS[train_config.keep_best_by],
+            patience=train_config.epochs + 1, restore_best_weights=True,
+        ))
+    return callbacks
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

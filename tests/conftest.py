@@ -355,8 +355,9 @@ README_RUN_FIXTURES = {
     "bench heads ": "readme_bench_heads",
     "pipeline --profile full ": "rehearsal",
 }
-# README commands of the long tier (`pytest -m long`): minutes each, covered by no faster test.
-LONG_README_RUNS = ("pipeline --profile full ",)
+# README commands of the long tier (`pytest -m long`): minutes each, covered by no faster test
+# (the quick pipeline, its extension and the benchmark of its bundle; the rehearsal).
+LONG_README_RUNS = ("pipeline --profile quick ", "pipeline --resume ", "bench novelty runs/quick/", "pipeline --profile full ")
 
 
 @pytest.fixture(scope="session")

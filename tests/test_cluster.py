@@ -240,7 +240,7 @@ def _assert_every_trial_done_once(output, trials):
     assert os.path.isfile(os.path.join(output, "final", "metrics.json"))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_search_survives_its_worker_node_dying_and_its_driver_killed(cluster, shared_dirs, tmp_path):
     """A search job spreads its trials over both nodes, its relative --output on the storage its
     environment names. The worker node is killed under a running trial, which Tune runs again on

@@ -83,7 +83,7 @@ def test_tensorboard_command_serves_a_run(logdir, runs):
         server.wait(timeout=30)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
     """The README's main command: the searches, fine-tuning, the ladder, the study's table, the
     chosen model exported, the report."""
@@ -245,7 +245,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
     assert capsys.readouterr().out.splitlines()[1].startswith("cnn3v2")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_pipeline_resume_with_more_trials_extends_one_search(quick_pipeline_extended, runs):
     """The README's `pipeline --resume --set head.trials=6` on the quick pipeline: the head
     search runs exactly 2 new trials (a second Tune experiment, on the same study) and keeps
@@ -285,7 +285,7 @@ def test_pipeline_resume_with_more_trials_extends_one_search(quick_pipeline_exte
     assert len(rows) == 2 and summary["final"]["fine_tune"] == fine_tune["final"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_dashboard_command_shows_both_studies_of_the_quick_pipeline(quick_pipeline_extended, runs):
     """The README's `dogbreeds dashboard runs/quick`: optuna-dashboard lists the pipeline's two
     studies with every trial of each search (its extension's too), draws both in headless

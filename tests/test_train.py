@@ -95,3 +95,33 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, cache_dir, tmp
     assert metrics["resumed_from_epoch"] >= 1  # from a checkpoint, not from scratch
     history = json.loads((tmp_path / "history.json").read_text())
     assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
+
+
+@pytest.mark.parametrize("keep_best_by", ["val_accuracy", "val_loss"])
+def test_a_run_keeps_the_epoch_its_metric_scores_best(tmp_path, keep_best_by):
+    """A search trial's model is its best epoch by the search's metric (what results.csv
+    reports and picks by), not the last one nor the best by validation loss; a plain run keeps
+    early stopping's best validation loss, as the study did."""
+    import dataclasses
+
+    import numpy as np
+
+    from dogbreeds.config import TrainConfig
+    from dogbreeds.train import build_callbacks
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 8)).astype("float32"), keras.utils.to_categorical(rng.integers(0, 3, 96), 3)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(keras.optimizers.Adam(0.3), "categorical_crossentropy", ["accuracy"])
+    config = dataclasses.replace(TrainConfig(epochs=8), keep_best_by=keep_best_by)
+    weights = []
+    keep = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: weights.append(model.get_weights()))
+    history = model.fit(x[:64], y[:64], validation_data=(x[64:], y[64:]), epochs=8, verbose=0,
+                        callbacks=[keep, *build_callbacks(config, str(tmp_path))]).history
+    scores = np.asarray(history[keep_best_by])
+    best = int(np.argmax(scores) if keep_best_by == "val_accuracy" else np.argmin(scores))
+    if keep_best_by == "val_accuracy":  # the case tells the best epoch from the last and from val_loss's
+        assert best not in (len(scores) - 1, int(np.argmin(history["val_loss"]))), history
+    for kept, expected in zip(model.get_weights(), weights[best]):
+        np.testing.assert_array_equal(kept, expected)

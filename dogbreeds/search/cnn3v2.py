@@ -32,7 +32,8 @@ def search_cnn3v2(
     from dogbreeds.train import absolute_paths, run_training
 
     space = check_space(search.space, "cnn3v2")  # before anything is created
-    train_config = dataclasses.replace(train_config, model=space.model)
+    # Each trial's model (and the final one) is its best epoch by the metric that scores it.
+    train_config = dataclasses.replace(train_config, model=space.model, keep_best_by=space.metric)
     data_config, train_config = absolute_paths(data_config, train_config)
     output = start_search(output, data_config, train_config, search, space, resume)
     trials_dir = os.path.join(output, runs.TRIALS)

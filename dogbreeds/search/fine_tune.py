@@ -53,6 +53,7 @@ def search_fine_tune(
     train_config = dataclasses.replace(
         train_config, **overrides, model=backbone, weights=head["train"]["weights"], hparams=head_hparams,
         head_weights=os.path.join(runs.trial_dir(head_search, head_best["trial_id"]), runs.HEAD_WEIGHTS),
+        keep_best_by=space.metric,  # the trial's model, tested as final/, is the epoch it was scored by
     )
     # The head's size; a new view of each photo every epoch (not the head's fixed views).
     data_config = dataclasses.replace(data_config, image_size=head["data"]["image_size"], augmented_views=0)
