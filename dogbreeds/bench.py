@@ -596,6 +596,11 @@ def folder_images(bundle, folder: str) -> np.ndarray:
     paths = data.photo_files(folder)
     if not paths:
         raise ValueError(f"no photos in {folder}")
+    return _prepared(bundle, paths)
+
+
+def _prepared(bundle, paths: list[str]) -> np.ndarray:
+    """The photos at `paths`, each prepared by `bundle.prepare` as an upload is."""
     images = []
     for path in paths:
         with open(path, "rb") as handle:
@@ -634,11 +639,7 @@ def whole_photos(bundle, folder: str) -> tuple[np.ndarray, np.ndarray, int]:
             left_out += 1
     if not paths:
         raise ValueError(f"no photos of the bundle's breeds in {folder} (expected <synset>-<breed>/ folders)")
-    images = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            images.append(bundle.prepare(handle.read()))
-    return np.stack(images), np.asarray(labels), left_out
+    return _prepared(bundle, paths), np.asarray(labels), left_out
 
 
 def bench_novelty(bundle_dir: str, not_dog_dirs: list[str] = (), other_dirs: list[str] = (),

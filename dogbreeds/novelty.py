@@ -23,8 +23,6 @@ included, ranks a non-dog above a test dog at most 94% of the time).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from dogbreeds.config import CONFIDENCE_THRESHOLD  # the served default's one home
