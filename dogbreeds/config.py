@@ -5,8 +5,8 @@ keeps it too, so every number can be traced to what produced it.
 
 `DataConfig` and `TrainConfig` (frozen dataclasses) say what a run does, `SearchConfig` how a
 search runs; `ServeArgs` (a frozen pydantic model: `serve deploy` validates a config file's
-`args` with it) says how a bundle is served. The comment above each field is its reason, and also its `--help`, so a default and
-its reason are written once.
+`args` with it) says how a bundle is served. The comment above each field is its reason, and
+also its `--help`, so a default and its reason are written once.
 
 Every field a user can set is a `Setting` (`settable_fields`: its type, default, reason and
 checks), from which `dogbreeds.options` derives its options and `read_settings_file` reads
