@@ -61,9 +61,9 @@ PROFILES = {
     # within an hour; each value measured for what it buys per minute (README, "cpu profile").
     "cpu": {
         "cnn3v2": (
-            # 64 px: a CNN from scratch learns little more at 224 (7% at 3 epochs either way)
-            # and costs 12x the compute; the search on 40 photos a breed, as the study
-            # searched on part of the data, then the best retrained on all of them.
+            # 64 px: 224 would cost 12x the compute for a CNN from scratch that reaches 7-8%
+            # here; the search on 40 photos a breed, as the study searched on part of the
+            # data, then the best retrained on all of them.
             {"image_size": 64, "subset_per_class": 40, "zoom_out": ZOOM_OUT_CPU},
             {"epochs": 8, "workers": 1},
             {"space": "cnn3v2", "trials": 4, "concurrent_trials": 2},
