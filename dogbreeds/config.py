@@ -237,8 +237,10 @@ CHOICES = {"search.algorithm": ("random", "tpe"), "search.scheduler": ("asha", "
            "train.keep_best_by": tuple(spaces.METRICS)}
 
 # Counts where 0 or less means nothing: refused when read, before anything starts.
-# Fractions: refused outside [0, 1] when read.
+# Fractions: refused outside [0, 1] when read; those that must stay below 1 (all of a photo's
+# side zoomed away leaves nothing) outside [0, 1).
 FRACTIONS = {"train.fine_tune_fraction", "data.zoom_out"}
+BELOW_ONE = {"data.zoom_out"}
 
 POSITIVE = {"train.epochs", "train.workers", "train.per_worker_batch_size", "train.cpus_per_worker",
             "search.trials", "search.concurrent_trials"}
@@ -296,6 +298,8 @@ class Setting(NamedTuple):
             raise ValueError(f"must be at least 1, got {value}")
         if self.dest in FRACTIONS and not 0 <= value <= 1:
             raise ValueError(f"must be between 0 and 1, got {value}")
+        if self.dest in BELOW_ONE and value == 1:
+            raise ValueError(f"must be below 1, got {value}")
         if self.dest in CHOICES and value not in CHOICES[self.dest]:
             raise ValueError(f"choose from {', '.join(CHOICES[self.dest])}, got {value!r}")
 

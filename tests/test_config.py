@@ -62,6 +62,7 @@ def test_settings_file_values_are_converted_and_checked_as_options_are(tmp_path)
                           ("train:\n  epochs: 2.5\n", "run.yaml: train.epochs: expected int, got 2.5"),
                           ("data:\n  horizontal_flip: maybe\n", "run.yaml: data.horizontal_flip: expected true"),
                           ("data:\n  image_size: 4\n", "run.yaml: data.image_size: image size must be"),
+                          ("data:\n  zoom_out: 1.0\n", "run.yaml: data.zoom_out: must be below 1, got 1.0"),
                           ("train:\n  hparams: 3\n", "run.yaml: train.hparams:")]:
         path.write_text(text)
         with pytest.raises(ValueError, match=message.replace(".", r"\.")):
