@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from dogbreeds import data, novelty
+from dogbreeds import console, data, novelty
 from dogbreeds.config import DataConfig
 
 
@@ -159,7 +159,7 @@ def bench_heads(data_config: DataConfig, model: str, weights, image_size: int | 
     image_size = resolve_input(model, image_size).image_size
     check_weights(model, weights, image_size)
     if not ray.is_initialized():
-        ray.init()
+        console.init_ray()
     data_config = dataclasses.replace(data_config, image_size=image_size, augmented_views=views)
     # No early stopping: both arms run every epoch, so they do the same work.
     train_config = TrainConfig(model=model, weights=weights, epochs=epochs, early_stopping_patience=epochs + 1)

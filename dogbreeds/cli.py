@@ -14,7 +14,7 @@ commands.py. This module runs one command: `main`, and `main_on_cluster` for `cl
 Bad options, missing paths and bad files end in one line on stderr and a non-zero exit, checked
 before Ray starts wherever they can be; any other error too (`--verbose` adds its traceback).
 Ctrl-C ends a run with exit 130. Messages go through `logging` (stderr); results go to stdout.
-TensorFlow's start-up noise is filtered from stderr unless `--verbose`.
+TensorFlow's start-up noise is filtered from stderr unless `--verbose` (console.py: what else it shows).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 import sys
 import threading
 
-from dogbreeds import commands
+from dogbreeds import commands, console
 from dogbreeds.options import build_parser, read_config_file
 
 log = logging.getLogger("dogbreeds")
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C reaches us (below) instead of Tune's handler, which would end the trials and let
     # the search go on to retrain the best of them; `--resume` continues from Tune's state.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    console.set_verbose(verbose)
     _configure_logging(verbose)
     noise_filter = _NoiseFilter() if argv is None and not verbose else None
     try:
@@ -200,7 +201,9 @@ def main_on_cluster(argv: list[str]) -> int:
     own), and run the command with its storage paths on the shared storage."""
     import ray
 
-    ray.init(address="auto")
+    verbose = {console.VERBOSE_VARIABLE: "1"} if "--verbose" in argv else {}
+    console.set_verbose(bool(verbose))
+    console.init_ray(address="auto", runtime_env={"env_vars": verbose})
     return main(on_storage(argv))
 
 

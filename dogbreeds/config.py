@@ -83,8 +83,13 @@ class TrainConfig:
     epochs: int = 20
     # Images per worker and step; the global batch is this times the number of workers.
     per_worker_batch_size: int = 32
-    # Adam's default learning rate, the study's choice.
+    # Adam's default learning rate, the study's choice, for one worker's batch: with more
+    # workers the global batch grows and the rate with it (the linear scaling rule of Goyal et
+    # al., 2017), as the same epochs take fewer steps.
     learning_rate: float = 1e-3
+    # Epochs over which the learning rate climbs linearly from near zero to its value, so the
+    # first steps of a large or fine-tuning rate do not undo what was learned; 0 starts at it.
+    warmup_epochs: float = 0.0
     # Stop after this many epochs without a better validation loss, keeping the best weights.
     early_stopping_patience: int = 8
     # The epoch whose weights the run keeps: early stopping's best validation loss (the

@@ -256,7 +256,8 @@ def _carve_splits(splits: dict[str, Split], config: DataConfig) -> dict[str, Spl
     """Subset the train split if asked, then carve validation from it."""
     train = splits["train"]
     rng = np.random.default_rng(config.seed)
-    if config.subset_per_class is not None or config.subset_fraction is not None:
+    subset = config.subset_per_class is not None or config.subset_fraction is not None
+    if subset:
         keep = []
         for label in np.unique(train.labels):
             members = rng.permutation(np.flatnonzero(train.labels == label))
@@ -268,6 +269,9 @@ def _carve_splits(splits: dict[str, Split], config: DataConfig) -> dict[str, Spl
             keep.extend(members[:count])
         train = train.take(sorted(keep))
     rest, validation = _stratified_split(train.labels, config.validation_fraction, config.seed)
+    if subset and config.validation_fraction > 0 and not validation:
+        raise ValueError("no photo left for validation: a breed needs two training photos to give one to "
+                         "validation, and none has two (subset_per_class or subset_fraction cut too deep)")
     return {"train": train.take(rest), "validation": train.take(validation), "test": splits["test"]}
 
 

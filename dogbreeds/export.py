@@ -197,7 +197,7 @@ class Bundle:
         # Probabilities and penultimate features in one traced forward pass, any batch size.
         import tensorflow as tf
 
-        feature_model = novelty.build_feature_model(self.model)
+        feature_model = novelty.build_feature_model(self.model, (self.novelty_info or {}).get("layer", novelty.PREDICTIONS_LAYER))
         size = self.image_size
         return tf.function(lambda images: feature_model(images, training=False),
                            input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])

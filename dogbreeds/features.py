@@ -88,8 +88,11 @@ def extract_features(split: data.Split, backbone: str, weights, image_size: int,
     at a time. Progress is logged as `features of SPLIT (BACKBONE): done/total examples`.
 
     Returns (features [kept * max(views, 1), D] in example order, their labels, skipped
-    [(key, reason)]); a split of which no photo decodes is a ValueError."""
+    [(key, reason)]); an empty split, or one of which no photo decodes, is a ValueError."""
     import ray
+
+    if not len(split):
+        raise ValueError(f"the {split.name} split has no photos")
 
     # `progress` below reports; Ray Data's own bars (and its notice that they are off) are noise.
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -10,15 +10,19 @@ The run directory (names in `runs.py`) receives `config.json`, `model.keras`, `m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import tempfile
 import threading
 import time
 
-from dogbreeds import data, evaluate, models, runs, spaces
+from dogbreeds import console, data, evaluate, models, runs, spaces
 from dogbreeds.config import DataConfig, TrainConfig, from_dict, to_dict
+
+log = logging.getLogger(__name__)
 
 
 def build_metrics():
@@ -38,10 +42,15 @@ def compile_model(model, train_config: TrainConfig) -> None:
     import tf_keras as keras
 
     model.compile(
-        optimizer=keras.optimizers.Adam(train_config.learning_rate),
+        optimizer=keras.optimizers.Adam(scaled_learning_rate(train_config)),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train_config.label_smoothing),
         metrics=build_metrics(),
     )
+
+
+def scaled_learning_rate(train_config: TrainConfig) -> float:
+    """The learning rate for the global batch: `learning_rate` times the workers."""
+    return train_config.learning_rate * train_config.workers
 
 
 def build_callbacks(train_config: TrainConfig, log_dir: str) -> list:
@@ -62,12 +71,33 @@ def build_callbacks(train_config: TrainConfig, log_dir: str) -> list:
         ),
         keras.callbacks.TensorBoard(log_dir=log_dir),
     ]
+    if train_config.warmup_epochs > 0:
+        callbacks.append(_warm_up(scaled_learning_rate(train_config), train_config.warmup_epochs))
     if not by_loss:  # Keras' own keeper of the best weights, told never to stop
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=train_config.keep_best_by, mode=spaces.METRICS[train_config.keep_best_by],
             patience=train_config.epochs + 1, restore_best_weights=True,
         ))
     return callbacks
+
+
+def _warm_up(learning_rate: float, epochs: float):
+    """A callback raising the learning rate linearly to `learning_rate` over the first `epochs`
+    epochs' steps (a resumed run past them is left alone)."""
+    import tf_keras as keras
+
+    class WarmUp(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):
+            warmup_steps = epochs * self.params["steps"]
+            step = self.epoch * self.params["steps"] + batch + 1
+            if step < warmup_steps + 1:
+                keras.backend.set_value(self.model.optimizer.learning_rate,
+                                        learning_rate * min(1.0, step / warmup_steps))
+
+    return WarmUp()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -88,7 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         _record_placement_group(run_dir)
     callbacks = _worker_callbacks(train_config, run_dir, rank, history)
-    train_seconds = _fit(model, train_config, worker_data, initial_epoch, callbacks, rank)
+    train_seconds = _fit(strategy, model, train_config, worker_data, initial_epoch, callbacks, rank)
     facts = {
         "epochs_run": len(history),
         "resumed_from_epoch": initial_epoch,  # > 0 when a restart resumed a checkpoint
@@ -199,19 +229,27 @@ def _worker_callbacks(train_config: TrainConfig, run_dir: str, rank: int, histor
     return build_callbacks(train_config, log_dir) + [_make_report_callback(rank, history, run_dir)]
 
 
-def _fit(model, train_config: TrainConfig, worker_data: WorkerData, initial_epoch: int,
-         callbacks: list, rank: int) -> float:
+def _fit(strategy, model, train_config: TrainConfig, worker_data: WorkerData, initial_epoch: int,
+          callbacks: list, rank: int) -> float:
     """`model.fit` on the worker's share; returns the seconds it took."""
+
+    # Given a plain dataset, Keras would take its batch for the global batch and split it
+    # between the workers: each would train on half its batch a step, so on half its share an
+    # epoch, and validate on half of its validation photos. From a function, each worker's
+    # batches are its own, whole: the global batch is the workers' together.
+    def as_own_share(dataset):
+        return strategy.distribute_datasets_from_function(lambda context: dataset)
+
     started = time.time()
     model.fit(
-        worker_data.train_dataset,
+        as_own_share(worker_data.train_dataset),
         epochs=train_config.epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=worker_data.steps_per_epoch,
-        validation_data=worker_data.val_dataset,
+        validation_data=as_own_share(worker_data.val_dataset),
         validation_steps=worker_data.validation_steps,
         callbacks=callbacks,
-        verbose=2 if rank == 0 else 0,
+        verbose=2 if rank == 0 and console.verbose() else 0,
     )
     return time.time() - started
 
@@ -320,6 +358,48 @@ def _make_report_callback(rank: int, history: list, run_dir: str):
     return ReportEachEpoch()
 
 
+class EpochLines(threading.Thread):
+    """While a run trains, a line on the console for each epoch its rank 0 writes to the run's
+    history (without --verbose, its workers' own output does not reach the console)."""
+
+    METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # as Keras names them
+    POLL_S = 1.0
+
+    def __init__(self, run_dir: str, epochs: int):
+        super().__init__(daemon=True, name="epoch-lines")
+        self.path, self.epochs = os.path.join(run_dir, runs.HISTORY), epochs
+        # The run's folder and its parent's: `runs/cnn3v2`, `cnn3v2/final`.
+        self.name = os.path.join(*os.path.normpath(os.path.abspath(run_dir)).split(os.sep)[-2:])
+        self.stopped = threading.Event()
+        self.shown = len(self._history())  # a resumed run's earlier epochs were shown before
+
+    def _history(self) -> list:
+        try:
+            return runs.read_json(self.path)
+        except (OSError, ValueError):  # not written yet, or being written
+            return []
+
+    def _show_new(self) -> None:
+        history = self._history()
+        for row in history[self.shown:]:
+            shown = ", ".join(f"{key} {row[key]:.3f}" for key in self.METRICS if key in row)
+            log.info("%s: epoch %d/%d: %s", self.name, row["epoch"], self.epochs, shown)
+        self.shown = max(self.shown, len(history))
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.POLL_S):
+            self._show_new()
+        self._show_new()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopped.set()
+        self.join()
+
+
 def run_training(
     data_config: DataConfig,
     train_config: TrainConfig,
@@ -327,14 +407,16 @@ def run_training(
     callbacks: list | None = None,
     resume: bool = False,
     evaluate_test: bool = True,
+    epoch_lines: bool = True,
 ) -> dict:
     """Train `train_config.model` on Ray Train and leave the run's files in `run_dir`.
 
     Starts a local Ray if none is running. `callbacks` are Ray Train callbacks (a Tune trial
     passes `TuneReportCallback`). A run directory that already holds a run is an error
     unless `resume`, which continues it from its last checkpoint. Search trials pass
-    `evaluate_test=False`: their confusions are then the validation split's. Returns the
-    run's metrics (also in `metrics.json`).
+    `evaluate_test=False`: their confusions are then the validation split's, and
+    `epoch_lines=False`: their progress is the search's. Returns the run's metrics (also in
+    `metrics.json`).
     """
     import ray
 
@@ -342,12 +424,18 @@ def run_training(
     data_config, train_config = absolute_paths(data_config, train_config)
     run_dir = _start_run_dir(data_config, train_config, run_dir, resume)
     if not ray.is_initialized():
-        ray.init()
+        console.init_ray()
     trainer = _build_trainer(data_config, train_config, run_dir, callbacks, evaluate_test)
-    result = _fit_trainer(trainer)
+    shown = epoch_lines and not console.verbose()
+    with EpochLines(run_dir, train_config.epochs) if shown else contextlib.nullcontext():
+        result = _fit_trainer(trainer)
     with result.checkpoint.as_directory() as directory:
         runs.copy_run_files(directory, run_dir)
-    return runs.read_json(os.path.join(run_dir, runs.METRICS))
+    metrics = runs.read_json(os.path.join(run_dir, runs.METRICS))
+    if metrics.get("skipped"):
+        log.warning("%s: %d photos could not be read and were skipped (listed in %s)", os.path.basename(run_dir),
+                    len(metrics["skipped"]), os.path.join(run_dir, runs.METRICS))
+    return metrics
 
 
 def _check_before_ray(train_config: TrainConfig) -> None:

@@ -4,6 +4,7 @@ before Ray starts, Ctrl-C, and the fast commands for real."""
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -387,6 +388,39 @@ def test_tensorflows_start_up_noise_is_silenced_unless_verbose(tmp_path):
     assert verbose.returncode == 0 and any(n in verbose.stderr for n in NOISE)  # there is noise to silence
 
 
+@pytest.mark.slow
+@pytest.mark.long  # over a minute: the second tier
+def test_a_search_prints_its_trials_and_epochs_and_verbose_adds_rays_own_logs(tmp_path, cache_dir):
+    """By default a search tells of each trial (its values, progress and end) and of each epoch
+    of its final run, without Ray Train's per-epoch reports and checkpoint paths or Tune's
+    tables; --verbose shows those as well."""
+    import shutil
+
+    for breed in sorted((TINY_DIR / "Images").iterdir()):
+        (tmp_path / "data" / "Images" / breed.name).mkdir(parents=True)
+        for photo in sorted(breed.iterdir())[:20]:
+            shutil.copy(photo, tmp_path / "data" / "Images" / breed.name)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # its own Ray
+    argv = ["search", "cnn3v2", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--epochs", "2",
+            "--concurrent-trials", "2", "--cache-dir", cache_dir]
+    rays_own = ("TrainingReport(", "Checkpoint successfully created", "Trial status", "Trial name")
+
+    quiet = _run(*argv, "--trials", "2", "--output", str(tmp_path / "quiet"), env=env, cwd=ROOT)
+    output = quiet.stdout + quiet.stderr
+    assert quiet.returncode == 0, output[-3000:]
+    assert not [line for line in output.splitlines() if any(text in line for text in rays_own)], output
+    assert len(re.findall(r"^quiet trial \w+ started: dropout_1 ", output, re.M)) == 2, output
+    assert len(re.findall(r"^quiet trial \w+ ended: best val_accuracy [0-9.]+ at epoch [12]$", output, re.M)) == 2, output
+    assert re.search(r"^quiet/final: epoch 2/2: loss [0-9.]+, accuracy [0-9.]+, val_loss", output, re.M), output
+    assert len(output.splitlines()) <= 30, output
+
+    # One trial is enough for Ray Train's reports and Tune's tables to show.
+    verbose = _run(*argv, "--trials", "1", "--output", str(tmp_path / "verbose"), "--verbose", env=env, cwd=ROOT)
+    output = verbose.stdout + verbose.stderr
+    assert verbose.returncode == 0, output[-3000:]
+    assert all(text in output for text in rays_own), output[-5000:]
+
+
 def _name(process) -> str:
     """A process's name, or "" once it has ended (Ray's short-lived helpers come and go)."""
     try:
@@ -396,6 +430,7 @@ def _name(process) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # over a minute: the second tier
 def test_ctrl_c_ends_a_training_run_cleanly(tmp_path, cache_dir):
     output = tmp_path / "run"
     argv = [sys.executable, "-m", "dogbreeds", "train", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32",

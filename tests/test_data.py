@@ -245,6 +245,8 @@ def test_splits_are_stratified_seeded_and_subsettable(cache_dir):
     assert subset.splits["test"].keys == index.splits["test"].keys  # test is never subset
     fraction = data.load_index(DataConfig(data_dir=str(TINY_DIR), subset_fraction=0.5))
     assert len(fraction.splits["train"]) + len(fraction.splits["validation"]) == 1200
+    with pytest.raises(ValueError, match="no photo left for validation"):  # one a breed: none to spare
+        data.load_index(DataConfig(data_dir=str(TINY_DIR), subset_per_class=1))
 
 
 def test_small_classes_still_hold_out_one_image():

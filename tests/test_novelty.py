@@ -15,10 +15,10 @@ from tests.conftest import NOT_DOGS_DIR, SAMPLE_DIR, SHARED
 
 NOT_DOGS_64_DIR = SHARED / "data" / "not_dogs_64"
 OTHER_DOGS_DIR = SHARED / "data" / "other_dogs"
-# Measured on one-epoch mobilenet_025 bundles at 128 px: 66.5% of not_dogs_64 flagged with 95%
-# of validation dogs kept (the backbone is frozen, so the features do not depend on the head's
-# training). The bound leaves margin for another seed or machine.
-NOT_DOGS_64_BOUND = 0.55
+# Measured on one-epoch mobilenet_025 bundles at 128 px: 52.1% of not_dogs_64 flagged with 98%
+# of validation dogs kept (66.5% with 95%; the backbone is frozen, so the features do not depend
+# on the head's training). The bound leaves margin for another seed or machine.
+NOT_DOGS_64_BOUND = 0.45
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +54,27 @@ def test_reference_positions_cap_each_class_and_are_seeded():
     assert np.bincount(labels[chosen]).tolist() == [4, 3, 4]
     assert chosen.tolist() == novelty.reference_positions(labels, 4, seed=0).tolist()
     assert novelty.reference_positions(labels, None, seed=0).tolist() == list(range(20))
+
+
+@pytest.mark.parametrize("hidden_layer, dim", [(False, 256), (True, 64)])
+def test_the_features_are_the_final_dense_layers_input(hidden_layer, dim):
+    """A transfer model's penultimate features: its head's hidden layer when it has one, else
+    the backbone's pooled features, which bundles exported before record as `head`."""
+    from dogbreeds import models
+
+    model = models.create_model("mobilenet_025", 5, image_size=96, weights=None,
+                                hparams={"hidden_layer": hidden_layer, "hidden_units": 64})
+    images = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype(np.float32)
+    probabilities, features = novelty.build_feature_model(model)(images, training=False)
+    np.testing.assert_allclose(probabilities, model(images, training=False), atol=1e-6)
+    head = model.get_layer("head")
+    pooled = novelty.build_feature_model(model, "head")(images, training=False)[1]
+    assert features.shape == (2, dim) and pooled.shape == (2, 256)
+    # The final Dense layer applied to the features gives the model's own probabilities.
+    final = head.get_layer("predictions")
+    np.testing.assert_allclose(final(features), probabilities, atol=1e-6)
+    with pytest.raises(ValueError, match="no layer 'nowhere'"):
+        novelty.feature_tensor(model, "nowhere")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +125,8 @@ def _check_novelty_files(bundle_dir: str, layer: str, num_classes: int) -> dict:
 
 @pytest.mark.slow
 def test_the_bundle_holds_its_reference_and_threshold(bundle_dir, bundle):
-    info = _check_novelty_files(bundle_dir, "head", len(bundle.class_names))
-    assert info["feature_dim"] == 256  # MobileNet 0.25's pooled features, the head's input
+    info = _check_novelty_files(bundle_dir, "predictions", len(bundle.class_names))
+    assert info["feature_dim"] == 256  # a head without a hidden layer: MobileNet 0.25's pooled features
     assert info["validation_kept"] >= novelty.KEEP_QUANTILE
 
 

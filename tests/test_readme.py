@@ -4,6 +4,7 @@ tests/conftest.py, run once, whichever test asks first), and every `tensorboard 
 shows serves what the run wrote."""
 
 import csv
+import dataclasses
 import json
 import re
 import shlex
@@ -84,6 +85,24 @@ def test_tensorboard_command_serves_a_run(logdir, runs):
 
 
 @pytest.mark.long
+def test_the_quick_start_prints_its_stages_trials_and_table_on_a_screen_or_two(quick_pipeline_dir):
+    """What the README's main command prints (issue 25's bar: at most 150 lines, none of Ray
+    Train's per-epoch reports or checkpoint paths; --verbose adds those, tests/test_cli.py)."""
+    import re
+
+    printed = (quick_pipeline_dir.parent / "quick.console").read_text()
+    lines = printed.splitlines()
+    assert len(lines) <= 150, printed
+    assert not [line for line in lines if "TrainingReport(" in line or "Checkpoint successfully created" in line]
+    for stage in ("cnn3v2", "head", "fine_tune", "ladder", "export"):
+        assert re.search(rf"^stage {stage}: started$", printed, re.M), stage
+        assert re.search(rf"^stage {stage}: \d+ s; peak memory", printed, re.M), stage
+    assert len(re.findall(r"^head trial \w+ ended: best val_accuracy", printed, re.M)) == 4
+    assert re.search(r"^ladder/cnn1: epoch 3/3: loss", printed, re.M)
+    assert re.search(r"^model +params", printed, re.M)  # the study's table
+
+
+@pytest.mark.long
 def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
     """The README's main command: the searches, fine-tuning, the ladder, the study's table, the
     chosen model exported, the report."""
@@ -150,14 +169,15 @@ def test_quick_pipeline_left_every_artefact(quick_pipeline_dir, runs, capsys):
 @pytest.mark.long
 def test_full_profile_rehearsal_runs_every_stage_at_full_size(rehearsal):
     """The README's rehearsal of the full profile, in its own process on this machine's cores:
-    Xception (and ResNet50V2's head, for the table) at 299 px on all 120 breeds, nine views, TPE with ASHA, two Ray Train workers per
+    Xception at 299 px on all 120 breeds, several views a photo, TPE with ASHA, two Ray Train workers per
     cnn3v2 trial and for fine-tuning, the ladder, and a bundle that serves. Its time and each
     process's peak memory are in test-artifacts/rehearsal_memory.json."""
     import numpy as np
 
     from dogbreeds import data
-    from dogbreeds.config import DataConfig
+    from dogbreeds.config import DataConfig, from_dict
     from dogbreeds.export import check_bundle, load_bundle
+    from dogbreeds.pipeline import PROFILES
     from tests.conftest import SAMPLE_DIR
 
     run = rehearsal["dir"]
@@ -166,20 +186,22 @@ def test_full_profile_rehearsal_runs_every_stage_at_full_size(rehearsal):
     for stage in ("cnn3v2", "head"):
         assert stages[stage]["data"]["image_size"] == 299
         assert stages[stage]["search"]["algorithm"] == "tpe" and stages[stage]["search"]["scheduler"] == "asha"
-    assert stages["head"]["train"]["model"] == "xception" and stages["head"]["data"]["augmented_views"] == 9
+    assert stages["head"]["train"]["model"] == "xception"
+    # The profile's nine views a photo; the README's rehearsal cuts them to three.
+    assert PROFILES["full"]["head"][0]["augmented_views"] == 9 and stages["head"]["data"]["augmented_views"] == 3
     # Two Ray Train workers, in sync, trained each cnn3v2 trial and the fine-tuned model.
     for stage in ("cnn3v2", "fine_tune"):
         for metrics in (run / stage / "trials").glob("*/metrics.json"):
             assert json.loads(metrics.read_text())["replicas_in_sync"] == 2, metrics
         assert json.loads((run / stage / "final" / "metrics.json").read_text())["workers"] == 2
-    # Xception's 2,048 features of nine views of each of the 120 breeds' training photos.
-    train = data.load_index(DataConfig(data_dir=str(SAMPLE_DIR))).splits["train"]
+    # Xception's 2,048 features of three views of each of the head's training photos (one a breed, the other of two validates).
+    head_data = dataclasses.replace(from_dict(DataConfig, stages["head"]["data"]), data_dir=str(SAMPLE_DIR))
+    train = data.load_index(head_data).splits["train"]
+    assert 0 < len(train) <= 120
     features = json.loads((run / "head" / "best.json").read_text())["features"]["train"]
-    assert np.load(features)["features"].shape == (9 * len(train), 2048)
+    assert np.load(features)["features"].shape == (3 * len(train), 2048)
     table = {row["name"]: row for row in summary["table"]}
-    assert list(table) == ["cnn1 (ladder)", "cnn3 (ladder)", "cnn3v2 (ladder)", "cnn3v2", "head", "head (resnet50v2)",
-                           "fine_tune"]
-    assert table["head (resnet50v2)"]["model"] == "resnet50v2" and not table["head (resnet50v2)"]["exported"]
+    assert list(table) == ["cnn1 (ladder)", "cnn3 (ladder)", "cnn3v2 (ladder)", "cnn3v2", "head", "fine_tune"]
     check_bundle(str(run / "bundle"))
     bundle = load_bundle(str(run / "bundle"))
     assert bundle.image_size == 299 and len(bundle.class_names) == 120

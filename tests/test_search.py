@@ -434,6 +434,7 @@ def test_fine_tuning_refuses_a_split_other_than_its_head_searchs(readme_search_h
 
 
 @pytest.mark.slow
+@pytest.mark.long  # over a minute: the second tier
 def test_killed_search_resumes_without_rerunning_finished_trials(cache_dir, head_features, tmp_path):
     """The search's driver is killed (with the local Ray it started) while the dashboard shows
     its study live; --resume finishes it, and with --trials 6 extends it by two new trials."""
@@ -492,6 +493,7 @@ def _dashboard_trials(port, enough, driver, timeout=600) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # over a minute: the second tier
 def test_cached_features_and_end_to_end_give_the_same_head(ray_cluster, head_features, cache_dir, tmp_path):
     """The same head (hyperparameters, epochs, augmented view) trained on cached features (the
     README head search's) and trained end to end on the photos reaches the same validation
@@ -548,6 +550,8 @@ def test_feature_job_streams_blocks_into_the_views_training_sees(ray_cluster, ca
     assert skipped == [(str(bad), "truncated JPEG image")] and list(labels) == list(split.labels[[1, 2]])
     with pytest.raises(ValueError, match="^no photo of validation decodes: 1 truncated JPEG image"):
         extract_features(data.Split([str(bad)], split.labels[:1], "validation"), "mobilenet_025", weights, 32, 0, config)
+    with pytest.raises(ValueError, match="^the validation split has no photos$"):
+        extract_features(data.Split([], split.labels[:0], "validation"), "mobilenet_025", weights, 32, 0, config)
 
 
 @pytest.mark.slow

@@ -74,6 +74,7 @@ def _train_workers():
     return [p for p in psutil.Process().children(recursive=True) if is_worker(p)]
 
 
+@pytest.mark.long  # over a minute: the second tier
 def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, cache_dir, tmp_path):
     argv = [
         "train", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32", "--epochs", "6",
@@ -95,6 +96,57 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_cluster, cache_dir, tmp
     assert metrics["resumed_from_epoch"] >= 1  # from a checkpoint, not from scratch
     history = json.loads((tmp_path / "history.json").read_text())
     assert [row["epoch"] for row in history] == list(range(1, len(history) + 1))
+
+
+def test_each_of_two_workers_validates_its_whole_share_at_its_own_batch(ray_cluster, cache_dir, tmp_path):
+    """With 8 photos a step on each of two workers, an epoch's validation covers the 240
+    validation photos once, so it scores the one epoch's model as the final evaluation on the
+    whole split does. (Given a plain dataset, Keras took its batch for the global batch and gave
+    each worker half of it: each trained on half its share an epoch and validated on half.)"""
+    import numpy as np
+
+    from dogbreeds import data
+    from dogbreeds.config import DataConfig
+
+    argv = [
+        "train", "cnn3v2", "--data-dir", str(TINY_DIR), "--image-size", "32", "--epochs", "1",
+        "--workers", "2", "--per-worker-batch-size", "8", "--output", str(tmp_path), "--cache-dir", cache_dir,
+    ]
+    assert cli.main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (epoch,) = json.loads((tmp_path / "history.json").read_text())
+    assert metrics["replicas_in_sync"] == 2 and metrics["validation"]["num_images"] == 240
+    # The epoch's validation loss is the model's mean loss over the whole split, to float32's
+    # roundings (2.5e-4 of it here; a mean over half the split strays by about 4%). Accuracy
+    # alone can differ by a photo: a near tie flips between batch sizes' roundings.
+    config = DataConfig(data_dir=str(TINY_DIR), cache_dir=cache_dir, image_size=32)
+    images, labels, _ = data.load_images(data.load_index(config).splits["validation"], 32, config)
+    probabilities = keras.models.load_model(tmp_path / "model.keras").predict(images.astype("float32"), verbose=0)
+    loss = -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)).mean()
+    assert epoch["val_loss"] == pytest.approx(float(loss), rel=1e-3)
+    assert epoch["val_accuracy"] == pytest.approx(metrics["validation"]["top1"], abs=1 / 240 + 1e-6)
+
+
+def test_the_learning_rate_scales_with_the_workers_and_warms_up_linearly(tmp_path):
+    """Two workers' global batch is twice one's: the rate doubles, reached over the first 1.5
+    epochs' steps (6 of 4 a epoch here), then left alone."""
+    import numpy as np
+
+    from dogbreeds.config import TrainConfig
+    from dogbreeds.train import build_callbacks, compile_model
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(80, 8)).astype("float32"), keras.utils.to_categorical(rng.integers(0, 3, 80), 3)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
+    config = TrainConfig(epochs=3, learning_rate=0.01, workers=2, warmup_epochs=1.5)
+    compile_model(model, config)
+    rates = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda batch, logs: rates.append(
+        float(keras.backend.get_value(model.optimizer.learning_rate))))
+    model.fit(x[:64], y[:64], batch_size=16, epochs=3, validation_data=(x[64:], y[64:]), verbose=0,
+              callbacks=[*build_callbacks(config, str(tmp_path)), record])
+    expected = [0.02 * min(1.0, step / 6) for step in range(1, 13)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("keep_best_by", ["val_accuracy", "val_loss"])
@@ -125,3 +177,42 @@ def test_a_run_keeps_the_epoch_its_metric_scores_best(tmp_path, keep_best_by):
         assert best not in (len(scores) - 1, int(np.argmin(history["val_loss"]))), history
     for kept, expected in zip(model.get_weights(), weights[best]):
         np.testing.assert_array_equal(kept, expected)
+
+
+def test_two_workers_see_disjoint_shares_of_every_epoch(cache_dir):
+    """Each Ray Train worker trains on its own every-second photo: in each epoch (its steps of
+    its repeated, reshuffled share) the two workers' examples are different photos, and two
+    workers of 16 photos a step take the steps and photos of one worker of 32."""
+    import dataclasses
+
+    import numpy as np
+
+    from dogbreeds import data
+    from dogbreeds.config import DataConfig, TrainConfig
+    from dogbreeds.train import _load_worker_data
+
+    # No augmentation, so that every example is one of the cached photos, byte for byte.
+    config = DataConfig(data_dir=str(TINY_DIR), cache_dir=cache_dir, image_size=16, rotation_factor=0.0,
+                        horizontal_flip=False)
+    photos = data.load_images(data.load_index(config).splits["train"], 16, config)[0]
+    number = {image.tobytes(): position for position, image in enumerate(photos)}
+    assert len(number) == len(photos)  # every photo tells itself apart
+
+    def epochs(rank: int, world_size: int, batch_size: int, count: int = 2) -> list[list[int]]:
+        train_config = TrainConfig(model="cnn3v2", per_worker_batch_size=batch_size)
+        share = _load_worker_data(config, train_config, rank, world_size)
+        batches = iter(share.train_dataset)
+        return [[number[image.numpy().astype(np.uint8).tobytes()]
+                 for _ in range(share.steps_per_epoch) for image in next(batches)[0]]
+                for _ in range(count)]
+
+    alone = epochs(0, 1, 32)
+    first, second = epochs(0, 2, 16), epochs(1, 2, 16)
+    for mine, theirs, one in zip(first, second, alone):
+        assert not set(mine) & set(theirs)
+        assert all(p % 2 == 0 for p in mine) and all(p % 2 == 1 for p in theirs)  # every second photo
+        assert len(mine) == len(theirs) and len(mine) + len(theirs) == len(one)
+        # An epoch is steps of a repeated stream: it may end in the share's next pass, so a few
+        # photos come twice (16 of 2,128 in the second epoch).
+        assert len(set(mine) | set(theirs)) >= 0.98 * len(one) >= 0.95 * len(photos)
+    assert first[0] != first[1]  # reshuffled each epoch

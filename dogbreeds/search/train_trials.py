@@ -26,9 +26,10 @@ def training_trial(config, *, data_config, train_config, trials_dir):
     model_hparams, overrides = split_values(train_config.model, config)
     trial_config = dataclasses.replace(train_config, hparams={**train_config.hparams, **model_hparams}, **overrides)
     trial_dir = os.path.join(trials_dir, tune.get_context().get_trial_id())
-    # resume=True: a retried or restored trial continues its Ray Train run from its checkpoint.
+    # resume=True: a retried or restored trial continues its Ray Train run from its checkpoint;
+    # its epochs reach the console through the search's `tuning.progress_lines`.
     run_training(data_config, trial_config, trial_dir, callbacks=[TuneReportCallback()],
-                 resume=True, evaluate_test=False)
+                 resume=True, evaluate_test=False, epoch_lines=False)
 
 
 def release_stopped_runs(trials_dir: str):

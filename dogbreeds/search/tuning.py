@@ -14,9 +14,11 @@ final model is tested, `finish_search` completes best.json.
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import time
 
-from dogbreeds import runs, spaces, study
+from dogbreeds import console, runs, spaces, study
 from dogbreeds.config import DataConfig, SearchConfig, TrainConfig, to_dict
 
 
@@ -58,8 +60,14 @@ def run_tuner(trainable, space: spaces.SearchSpace, search: SearchConfig, output
     from ray import tune
 
     if not ray.is_initialized():
-        ray.init()
+        console.init_ray()
     storage = os.path.join(os.path.abspath(output), runs.TUNE)
+    # Tune's own tables and trial boxes with --verbose; else a line per trial as it starts,
+    # its progress (`progress_lines`) and its end.
+    if not console.verbose():
+        callbacks = list(callbacks or []) + [progress_lines(output, space)]
+        # Tune's newer console output prints each experiment's settings box at any verbosity.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     names = _experiments(storage)
     if names and not resume:
         raise ValueError(f"{output} holds a search already: pass --resume, or choose another --output")
@@ -93,11 +101,63 @@ def run_tuner(trainable, space: spaces.SearchSpace, search: SearchConfig, output
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=search.max_trial_failures),
                 callbacks=callbacks,
+                verbose=None if console.verbose() else 0,
             ),
         )
         results += list(tuner.fit())
     study.reconcile(output, runs.TUNE_NAME)
     return results
+
+
+# A running trial's progress line at most this often: a trial on cached features runs an epoch
+# a second, a Ray Train trial's epoch takes half a minute or more.
+PROGRESS_INTERVAL_S = 30
+
+
+def progress_lines(output: str, space: spaces.SearchSpace):
+    """A Tune callback logging a line per trial as it starts (its values), as it runs (its
+    epoch and metric, at most every PROGRESS_INTERVAL_S), and as it ends or fails."""
+    from ray import tune
+
+    log = logging.getLogger("dogbreeds")
+    search = os.path.basename(os.path.normpath(output))
+    better = max if space.mode == "max" else min
+
+    def values(config: dict) -> str:
+        return ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in sorted(config.items()))
+
+    class ProgressLines(tune.Callback):
+        def __init__(self):
+            # Per trial: (time, epoch) of its last line; (best metric, its epoch).
+            self.last_line, self.best = {}, {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.last_line[trial.trial_id] = (time.time(), None)
+            log.info("%s trial %s started: %s", search, trial.trial_id, values(trial.config))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get(space.metric) is None:
+                return
+            found = (result[space.metric], result.get("epoch"))
+            earlier = self.best.get(trial.trial_id)
+            self.best[trial.trial_id] = found if earlier is None else better(earlier, found, key=lambda item: item[0])
+            shown_at, shown_epoch = self.last_line.get(trial.trial_id, (0, None))
+            if time.time() - shown_at >= PROGRESS_INTERVAL_S and result.get("epoch") != shown_epoch:
+                self.last_line[trial.trial_id] = (time.time(), result.get("epoch"))
+                log.info("%s trial %s: epoch %s, %s %.3f", search, trial.trial_id, result.get("epoch"),
+                         space.metric, result[space.metric])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            value, epoch = self.best.get(trial.trial_id, (None, None))
+            best = f"best {space.metric} {value:.3f} at epoch {epoch}" if value is not None else "no result"
+            log.info("%s trial %s ended: %s", search, trial.trial_id, best)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.warning("%s trial %s failed (retried up to the search's max_trial_failures): see %s",
+                        search, trial.trial_id, os.path.join(trial.path or "", "error.txt"))
+
+    return ProgressLines()
 
 
 def _experiments(storage: str) -> list[str]:
