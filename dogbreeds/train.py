@@ -256,19 +256,24 @@ def _fit(strategy, model, train_config: TrainConfig, worker_data: WorkerData, in
 
 def _finish(model, history: list, data_config: DataConfig, train_config: TrainConfig,
             worker_data: WorkerData, facts: dict, rank: int, evaluate_test: bool) -> None:
-    """The final checkpoint: every worker saves (saving a distributed model is collective);
-    rank 0 evaluates its copy outside the strategy, so no other worker has to take part, and
-    reports the run's files (`runs.write_final_run`) for the driver to copy."""
+    """The final checkpoint: every worker reads the weights (reading a distributed model is
+    collective: batch normalisation's statistics are synchronised on read); rank 0 evaluates a
+    plain copy outside the strategy, so no other worker has to take part, and reports the
+    run's files (`runs.write_final_run`) for the driver to copy. The copy, without the
+    optimizer's state, is the run's model.keras: a third of the size with Adam, and it loads
+    in seconds where the compiled model's took 40 (Xception, 299 px)."""
     import ray.train
     import tf_keras as keras
 
     with tempfile.TemporaryDirectory() as final_dir:
         model_path = os.path.join(final_dir, runs.MODEL)
-        model.save(model_path)
+        weights = model.get_weights()
         _save_state(final_dir, model, history)  # resuming a finished run only re-evaluates
         final_checkpoint = None
         if rank == 0:
-            plain = keras.models.load_model(model_path)
+            plain = keras.models.clone_model(model)
+            plain.set_weights(weights)
+            plain.save(model_path)
             metrics, confusions = _evaluate_final(plain, data_config, train_config, worker_data, evaluate_test)
             metrics.update(facts)
             runs.write_final_run(final_dir, model=model_path, metrics=_ordered(metrics),

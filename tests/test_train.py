@@ -39,6 +39,9 @@ def test_cnn3v2_on_two_workers_beats_chance(cnn3v2_run):
     assert config["train"]["workers"] == 2 and config["versions"]["ray"].startswith("2.60")
     model = keras.models.load_model(output / "model.keras")
     assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 6)
+    # The run's model holds its weights, not Adam's two moments of each: a third of the size
+    # (tf-keras reads a compiled Xception's back in 40 s, and a bundle copies it).
+    assert getattr(model, "optimizer", None) is None
 
 
 def test_transfer_on_imagenet_weights_beats_training_from_scratch(cnn3v2_run, mobilenet_run_dir):
@@ -117,14 +120,18 @@ def test_each_of_two_workers_validates_its_whole_share_at_its_own_batch(ray_clus
     (epoch,) = json.loads((tmp_path / "history.json").read_text())
     assert metrics["replicas_in_sync"] == 2 and metrics["validation"]["num_images"] == 240
     # The epoch's validation loss is the model's mean loss over the whole split, to float32's
-    # roundings (2.5e-4 of it here; a mean over half the split strays by about 4%). Accuracy
-    # alone can differ by a photo: a near tie flips between batch sizes' roundings.
+    # roundings (2.5e-4 to 3.6e-4 of it on these machines; a mean over half the split strays
+    # by about 4%). Accuracy can differ by the photos whose two likeliest breeds are nearly
+    # tied, as roundings move each probability by about that much: on one CPU a photo, on
+    # another (AVX-512 kernels) two, each of them within 1e-3.
     config = DataConfig(data_dir=str(TINY_DIR), cache_dir=cache_dir, image_size=32)
     images, labels, _ = data.load_images(data.load_index(config).splits["validation"], 32, config)
     probabilities = keras.models.load_model(tmp_path / "model.keras").predict(images.astype("float32"), verbose=0)
     loss = -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)).mean()
     assert epoch["val_loss"] == pytest.approx(float(loss), rel=1e-3)
-    assert epoch["val_accuracy"] == pytest.approx(metrics["validation"]["top1"], abs=1 / 240 + 1e-6)
+    likeliest = np.sort(probabilities, axis=1)
+    near_ties = int((likeliest[:, -1] - likeliest[:, -2] < 2e-3).sum())
+    assert epoch["val_accuracy"] == pytest.approx(metrics["validation"]["top1"], abs=(near_ties + 1) / 240 + 1e-6)
 
 
 def test_the_learning_rate_scales_with_the_workers_and_warms_up_linearly(tmp_path):

@@ -84,7 +84,7 @@ def search_fine_tune(
         index = data.load_index(data_config)
         trained = runs.read_json(os.path.join(trial_dir, runs.METRICS))
         facts = {key: trained[key] for key in ("epochs_run", "train_seconds", "num_train_images", "workers")}
-        metrics = evaluate_final(output, keras.models.load_model(os.path.join(trial_dir, runs.MODEL)), trial_dir, index,
+        metrics = evaluate_final(output, keras.models.load_model(os.path.join(trial_dir, runs.MODEL), compile=False), trial_dir, index,
                               data_config, dataclasses.replace(train_config, **trial_overrides), data_config.image_size,
                               facts)
         best["final"] = {"validation": metrics["validation"]["top1"], "test": metrics["test"]["top1"]}
