@@ -176,6 +176,10 @@ class ServeArgs(pydantic.BaseModel):
     # Largest ratio of a photo's long side to its short one: a 999,999x1 PNG is 1 KB and costs
     # 1.2 GB to resize. Panoramas stay under 10.
     max_aspect_ratio: float = pydantic.Field(20.0, ge=1)
+    # Scans in a JPEG (each is a pass over every pixel): a 9.5 MB progressive JPEG of 789,573
+    # tiny scans took 70 s to decode. Encoders write 1 (baseline) to about 10 (libjpeg's
+    # progressive script). Counted in the bytes before decoding (an embedded thumbnail's count too).
+    max_jpeg_scans: int = pydantic.Field(100, ge=1)
     # Photos one classifier replica decodes at once: a 50 MP photo takes ~0.6 GB while it does.
     max_concurrent_decodes: int = pydantic.Field(2, ge=1)
     # Below this top probability the answer is `unsure` instead of a breed.

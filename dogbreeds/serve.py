@@ -76,12 +76,13 @@ class ImageError(ValueError):
         return self.reason
 
 
-def inspect_image(encoded: bytes, max_image_pixels: int, max_aspect_ratio: float) -> dict:
+def inspect_image(encoded: bytes, max_image_pixels: int, max_aspect_ratio: float, max_jpeg_scans: int = 100) -> dict:
     """Format and size of an encoded photo, read from its header only (no decoding).
 
     Raises `ImageError` for no bytes (400), what is not a supported image (415), decompression
-    bombs and extreme shapes (422). Only an animation's first frame is ever decoded
-    (`export.first_frame`), so its size is what counts."""
+    bombs, extreme shapes and JPEGs of more scans than encoders write (422). Only an
+    animation's first frame is ever decoded (`export.first_frame`), so its size is what
+    counts."""
     from PIL import Image
 
     if not encoded:
@@ -108,6 +109,13 @@ def inspect_image(encoded: bytes, max_image_pixels: int, max_aspect_ratio: float
     if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect_ratio:
         raise ImageError(
             422, f"image shape {width}x{height} is too elongated: the limit is {max_aspect_ratio:g} to 1"
+        )
+    # Every scan starts with an SOS marker, which entropy-coded data cannot hold (a 0xFF byte
+    # there is followed by 0x00): counting the markers bounds the decoder's passes.
+    scans = encoded.count(b"\xff\xda") if image_format == "JPEG" else 0
+    if scans > max_jpeg_scans:
+        raise ImageError(
+            422, f"JPEG of {scans} scans: the limit is {max_jpeg_scans} (encoders write at most about 10)"
         )
     return {"format": image_format, "width": width, "height": height}
 
@@ -150,7 +158,7 @@ class Classifier:
     async def classify(self, encoded: bytes, top_k: int = DEFAULT_TOP_K) -> dict:
         """The `top_k` breeds of one encoded photo, its verdict (`breed`, `unsure` or
         `not_a_dog`) and novelty score, with the model's name and version."""
-        inspect_image(encoded, self.args.max_image_pixels, self.args.max_aspect_ratio)
+        inspect_image(encoded, self.args.max_image_pixels, self.args.max_aspect_ratio, self.args.max_jpeg_scans)
         async with self.decodes:  # each decoding may hold hundreds of MB: a few at a time
             image = await asyncio.to_thread(self._prepare, encoded)
         probabilities, score = await self.predict_batch(image)

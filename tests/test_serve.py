@@ -81,6 +81,14 @@ def test_inspect_image_reads_headers_and_refuses_what_it_cannot_read():
         serving.inspect_image(photo, 1000, 20)
     with pytest.raises(serving.ImageError, match="too elongated"):
         serving.inspect_image(_encode(Image.new("RGB", (300, 100)), "PNG"), 50_000_000, 2.5)
+    # Scans: a progressive photo's 10 pass, the attack suite's 100,000 do not, nor 11 under a bound of 10.
+    from dogbreeds.attack.inputs import jpeg_of_many_scans
+
+    progressive = _encode(Image.open(PHOTO), "JPEG", progressive=True)
+    assert serving.inspect_image(progressive, 50_000_000, 20, 10)["format"] == "JPEG"
+    for scans, bound, side in ((100_000, 100, 2048), (11, 10, 64)):
+        with pytest.raises(serving.ImageError, match=f"JPEG of {scans} scans: the limit is {bound}"):
+            serving.inspect_image(jpeg_of_many_scans(scans, side), 50_000_000, 20, bound)
 
 
 def test_serve_arguments_are_checked(tiny_bundle_dir, capsys):

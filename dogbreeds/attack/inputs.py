@@ -102,6 +102,19 @@ def jpeg_claiming_size(photo: bytes, width: int, height: int) -> bytes:
     raise ValueError("no frame header in the photo")
 
 
+def jpeg_of_many_scans(scans: int, side: int = 2048) -> bytes:
+    """A progressive JPEG of `scans` scans: a plain photo's smallest scan (12 bytes) repeated
+    before its end. Every scan is a pass over all side x side pixels: 100,000 (1.6 MB) kept the
+    classifier's decoding busy for 172 s, though the file is small and its pixels few."""
+    from PIL import Image
+
+    encoded = _encode(Image.new("RGB", (side, side), (120, 100, 80)), "JPEG", progressive=True)
+    starts = [index for index in range(len(encoded) - 1) if encoded[index:index + 2] == b"\xff\xda"]
+    ends = starts[1:] + [encoded.rindex(b"\xff\xd9")]
+    start, end = min(zip(starts, ends), key=lambda scan: scan[1] - scan[0])
+    return encoded[:ends[-1]] + encoded[start:end] * (scans - len(starts)) + encoded[ends[-1]:]
+
+
 def corrupt_jpeg(photo: bytes) -> bytes:
     """The photo with its Huffman tables overwritten: the header parses, the scan cannot."""
     corrupted, position = bytearray(photo), 2
@@ -242,6 +255,7 @@ def _bomb_cases(photo: bytes) -> list[tuple]:
         ("png_999999x1", _as_file(png_of_zeros(999_999, 1), "strip.png"), {422}, True),
         ("png_1x999999", _as_file(png_of_zeros(1, 999_999), "strip.png"), {422}, True),
         ("jpeg_claiming_65000x65000", _as_file(jpeg_claiming_size(photo, 65000, 65000)), {422}, True),
+        ("jpeg_of_100000_scans", _as_file(jpeg_of_many_scans(100_000)), {422}, True),
     ]
 
 
