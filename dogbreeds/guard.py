@@ -84,16 +84,17 @@ def host_allowed(host_header: str, allowed_hosts: tuple[str, ...]) -> bool:
 
 
 def count_parts(body: bytes, content_type: str) -> int:
-    """How many parts a multipart body holds (each file is one); 0 for other bodies."""
-    _, _, parameters = content_type.partition(";")
-    boundary = ""
-    for parameter in parameters.split(";"):
-        key, _, value = parameter.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip('"')
-    if not content_type.lower().startswith("multipart/") or not boundary:
+    """How many parts a multipart body holds (each file is one); 0 for other bodies. The
+    boundary is read by the parser Starlette and Gradio split the body with (`boundary =X`,
+    with a space, is theirs as much as `boundary=X`); a multipart body without one is 400."""
+    from python_multipart.multipart import parse_options_header
+
+    kind, parameters = parse_options_header(content_type)
+    if not kind.startswith(b"multipart/"):
         return 0
-    return max(body.count(b"--" + boundary.encode("latin-1")) - 1, 0)
+    if not parameters.get(b"boundary"):
+        raise Refused(400, "a multipart body needs a boundary in its Content-Type")
+    return max(body.count(b"--" + parameters[b"boundary"]) - 1, 0)
 
 
 class Guard:

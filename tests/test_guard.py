@@ -29,7 +29,13 @@ def test_count_parts_counts_the_files_of_a_multipart_body():
                                                               for i in range(files)])
         body = request.read()
         assert guard.count_parts(body, request.headers["content-type"]) == files
+        # The boundary as the app's parser reads it, however it is spelled.
+        spaced = request.headers["content-type"].replace("boundary=", "BOUNDARY =")
+        assert guard.count_parts(body, spaced) == files
     assert guard.count_parts(b"{}", "application/json") == 0
+    with pytest.raises(guard.Refused) as refused:
+        guard.count_parts(b"--x\r\n", "multipart/form-data")
+    assert refused.value.status_code == 400
 
 
 def test_route_is_the_path_inside_the_app():

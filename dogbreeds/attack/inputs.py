@@ -163,6 +163,12 @@ def multipart(parts: list[tuple[str, Optional[str], bytes]], content_type: str =
     return bytes(body), f"multipart/form-data; boundary={boundary}"
 
 
+def _spaced_boundary(form: tuple[bytes, str]) -> tuple[bytes, str]:
+    """A multipart body whose Content-Type spells `boundary =X`: parsers read it."""
+    body, content_type = form
+    return body, content_type.replace("boundary=", "boundary =")
+
+
 def http_request(path: str, content: bytes = b"", content_type: Optional[str] = None, method: str = "POST",
           params: Optional[dict] = None, headers: Optional[dict] = None) -> dict:
     """An HTTP request for `send_case`."""
@@ -346,6 +352,9 @@ def _gradio_cases(photo: bytes, canaries: dict[str, str], bundle_dir: str, token
                      frozenset({413})),
         HostileInput("gradio_upload_5_files", "gradio",
                      upload_request([("files", f"{i}.jpg", photo) for i in range(5)], GRADIO_UPLOAD), frozenset({413})),
+        HostileInput("gradio_upload_5_files_boundary_with_a_space", "gradio",
+                     http_request(GRADIO_UPLOAD, *_spaced_boundary(multipart([("files", f"{i}.jpg", photo) for i in range(5)]))),
+                     frozenset({413})),
         HostileInput("gradio_upload_one_photo", "gradio",
                      upload_request([("files", "photo.jpg", photo)], GRADIO_UPLOAD), frozenset({200})),
         HostileInput("gradio_upload_traversal_name", "gradio",
