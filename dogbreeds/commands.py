@@ -239,7 +239,7 @@ def command_report(args) -> None:
 def command_dashboard(args) -> None:
     from dogbreeds import dashboard
 
-    dashboard.serve(args.run_dir, args.host, args.port)
+    dashboard.serve(args.run_dir, args.host, args.port, **settings(args, "serve"))
 
 
 def _check_bundle(bundle: str) -> None:

@@ -173,6 +173,9 @@ class ServeArgs(pydantic.BaseModel):
     # Largest photo in pixels (Pillow refuses above 179M anyway): decompression bombs are 422.
     # Only the first frame of an animation is decoded, so this bounds every photo's decoding.
     max_image_pixels: int = pydantic.Field(50_000_000, ge=1)
+    # Pixels per byte of the file, above 2 MP: a camera's JPEG holds 2 to 20; a 331 KB JPEG of
+    # 7000x7000 (148) took 1.3 s to decode and a 1.9 KB WebP of it (25,000) 0.7 s.
+    max_pixels_per_byte: float = pydantic.Field(100.0, gt=0)
     # Largest ratio of a photo's long side to its short one: a 999,999x1 PNG is 1 KB and costs
     # 1.2 GB to resize. Panoramas stay under 10.
     max_aspect_ratio: float = pydantic.Field(20.0, ge=1)
@@ -196,8 +199,22 @@ class ServeArgs(pydantic.BaseModel):
     # (a browser opens at most 6 connections to a site, and one event stream). `--haproxy`
     # hides client addresses, so there the default is max_ongoing_requests.
     max_requests_per_client: int = pydantic.Field(16, ge=1)
+    # Gradio's event streams open at once, from all clients (the UI holds one per page while a
+    # photo is classified): more get 503, so streams leave the ingress room for photos.
+    max_open_streams: int = pydantic.Field(128, ge=1)
     # Largest headers and query string of a request, in bytes (browsers send a few KB): more is 431.
     max_header_bytes: int = pydantic.Field(32 * 1024, ge=1024)
+    # Seconds for a request's header block to arrive (`dogbreeds serve`'s front; browsers send
+    # it at once): slower connections get 408 and are closed, so none sits on a file descriptor.
+    header_timeout_s: float = pydantic.Field(10.0, gt=0)
+    # Header lines of a request (browsers send about 20): more is 431.
+    max_header_count: int = pydantic.Field(100, ge=8)
+    # Connections `dogbreeds serve` holds at once, each one request: more get 503. Below the
+    # ingress's max_ongoing_requests, so strangers cannot fill it; far below the file descriptors.
+    max_connections: int = pydantic.Field(400, ge=1)
+    # Connections from one client (an address, or an IPv6 /64) at once: more get 429. A
+    # browser opens at most 6 to a site, and one event stream.
+    max_connections_per_client: int = pydantic.Field(32, ge=1)
     # Largest body of any other request (Gradio's JSON routes carry a few KB): more is 413.
     max_request_bytes: int = pydantic.Field(1024 * 1024, ge=1024)
     # Files in one upload to the UI (the page sends one at a time): more is 413.
@@ -211,6 +228,11 @@ class ServeArgs(pydantic.BaseModel):
     # Uploads older than this many seconds are deleted from Gradio's cache (checked each minute,
     # or sooner for a shorter age).
     upload_cache_max_age_s: int = pydantic.Field(600, ge=1)
+    # Bytes of UI uploads kept in Gradio's cache (each for upload_cache_max_age_s) from all
+    # clients: past it an upload is 503, so strangers cannot fill the disk.
+    max_upload_cache_bytes: int = pydantic.Field(1024**3, ge=1)
+    # The same from one client (an address, or an IPv6 /64): past it an upload is 429.
+    max_upload_cache_bytes_per_client: int = pydantic.Field(100 * 1024**2, ge=1)
     # Host headers answered ("*": any, "*.example.com": its subdomains); others get 400. On a
     # cluster, list the names clients use.
     allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")

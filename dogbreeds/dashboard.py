@@ -127,17 +127,26 @@ def read_only(app):
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Content-Type", "text/plain"), ("Allow", "GET, HEAD")])
             return [b"dogbreeds dashboard is read-only\n"]
+        # optuna-dashboard's static files fail (500) on a request that names no encoding.
+        environ.setdefault("HTTP_ACCEPT_ENCODING", "identity")
         return app(environ, start_response)
 
     return guarded
 
 
-def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve optuna-dashboard over the studies under `run_dir` until Ctrl-C."""
+def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8080,
+          allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")) -> None:
+    """Serve optuna-dashboard over the studies under `run_dir` until SIGINT or SIGTERM: its WSGI
+    server on a loopback port, behind the front of `dogbreeds serve` (`dogbreeds.front`: header
+    time, connections, strict requests, `Host` in `allowed_hosts`) on host:port."""
+    import asyncio
     import socketserver
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     import optuna_dashboard
+
+    from dogbreeds.config import ServeArgs
+    from dogbreeds.front import Front, limits_from, serve_until_stopped
 
     if not os.path.isdir(run_dir):
         raise ValueError(f"run directory not found: {run_dir}")
@@ -146,10 +155,14 @@ def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8080) -> None:
         daemon_threads = True
 
     class QuietHandler(WSGIRequestHandler):
+        timeout = 60  # seconds a connection's socket may wait: no thread is held for ever
+
         def log_message(self, *args):  # the dashboard polls every few seconds
             pass
 
+    limits = limits_from(ServeArgs.model_construct(allowed_hosts=tuple(allowed_hosts)))
     app = read_only(optuna_dashboard.wsgi(run_studies(run_dir)))
-    with make_server(host, port, app, server_class=Server, handler_class=QuietHandler) as server:
-        print(f"dashboard: http://{host}:{server.server_port}/dashboard (the studies under {run_dir}; Ctrl-C stops)", flush=True)
-        server.serve_forever()
+    with make_server("127.0.0.1", 0, app, server_class=Server, handler_class=QuietHandler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        banner = f"dashboard: http://{host}:{port}/dashboard (the studies under {run_dir}; Ctrl-C stops)"
+        asyncio.run(serve_until_stopped(Front(limits, server.server_port), host, port, banner))

@@ -256,6 +256,7 @@ def _add_dashboard(commands) -> None:
     parser.add_argument("run_dir", help="a search or pipeline directory (its searches' study.journal files)")
     parser.add_argument("--host", default="127.0.0.1", help="listen here (default: 127.0.0.1; 0.0.0.0: everywhere)")
     parser.add_argument("--port", type=int, default=8080, help="HTTP port (default: 8080)")
+    add_config_options(parser, "serve", only=("allowed_hosts",))
 
 
 def _add_serve(commands) -> None:

@@ -9,9 +9,10 @@
   `@serve.batch`; each answer carries the bundle's verdict (`breed`, `unsure`, `not_a_dog`);
 - `Ingress` answers HTTP: `POST /predict` (a multipart upload or the raw image bytes),
   `GET /healthz`, `GET /labels`, `GET /model`, the OpenAPI description at `/docs`, and the
-  Gradio UI at `/`, mounted on the same FastAPI app (Ray's `GradioServer` fails with
-  Gradio 6), all behind `dogbreeds.guard`. The UI only calls the classifier, like any other
-  client.
+  Gradio UI at `/` (`dogbreeds.ui`), mounted on the same FastAPI app (Ray's `GradioServer`
+  fails with Gradio 6), all behind `dogbreeds.guard`. The UI only calls the classifier, like
+  any other client.
+`run_server` (`dogbreeds serve`) starts Serve's HTTP proxy on loopback behind `dogbreeds.front`.
 
 The service faces strangers (README, Security): every bound on what they send is a
 `ServeArgs` field with a safe default. A photo the service cannot read is a 4xx answer
@@ -20,14 +21,14 @@ never joins a batch.
 """
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import io
 import logging
 import math
 import os
 import re
-import signal
-import time
 import warnings
 from typing import Literal, Optional
 
@@ -35,12 +36,15 @@ import numpy as np
 import pydantic
 from ray import serve
 
+from dogbreeds import guard
 from dogbreeds.config import ServeArgs
-from dogbreeds.data import photo_files  # data.py loads TensorFlow only when it decodes
 
 # What Pillow identifies and TensorFlow's decoder reads (MPO is a camera's multi-picture JPEG).
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
 SUPPORTED_NAMES = "JPEG, PNG, GIF, BMP or WebP"
+# Photos of up to this many pixels pass `max_pixels_per_byte` whatever their size in bytes
+# (a flat 1 MP drawing may be a few KB).
+FREE_PIXELS = 2_000_000
 # The number of breeds `POST /predict` answers when the query does not say (`?k=`).
 DEFAULT_TOP_K = 5
 
@@ -76,13 +80,13 @@ class ImageError(ValueError):
         return self.reason
 
 
-def inspect_image(encoded: bytes, max_image_pixels: int, max_aspect_ratio: float, max_jpeg_scans: int = 100) -> dict:
+def inspect_image(encoded: bytes, args: ServeArgs) -> dict:
     """Format and size of an encoded photo, read from its header only (no decoding).
 
     Raises `ImageError` for no bytes (400), what is not a supported image (415), decompression
-    bombs, extreme shapes and JPEGs of more scans than encoders write (422). Only an
-    animation's first frame is ever decoded (`export.first_frame`), so its size is what
-    counts."""
+    bombs (over `max_image_pixels`, or over `max_pixels_per_byte` for a large photo), extreme
+    shapes and JPEGs of more scans than encoders write (422). Only an animation's first frame
+    is ever decoded (`export.first_frame`), so its size is what counts."""
     from PIL import Image
 
     if not encoded:
@@ -100,24 +104,77 @@ def inspect_image(encoded: bytes, max_image_pixels: int, max_aspect_ratio: float
         ) from None
     if image_format not in SUPPORTED_FORMATS:
         raise ImageError(415, f"{image_format} images are not supported: send {SUPPORTED_NAMES}")
-    if width * height > max_image_pixels:
+    if width * height > args.max_image_pixels:
         raise ImageError(
             422,
             f"image too large: {width}x{height} is {width * height} pixels, the limit is "
-            f"{max_image_pixels} (a decompression bomb?)",
+            f"{args.max_image_pixels} (a decompression bomb?)",
         )
-    if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect_ratio:
+    if width * height > max(FREE_PIXELS, args.max_pixels_per_byte * len(encoded)):
         raise ImageError(
-            422, f"image shape {width}x{height} is too elongated: the limit is {max_aspect_ratio:g} to 1"
+            422, f"{width}x{height} pixels in {len(encoded)} bytes: a photo of that size holds at least "
+                 f"1 byte per {args.max_pixels_per_byte:g} pixels (a decompression bomb?)")
+    if min(width, height) < 1 or max(width, height) / min(width, height) > args.max_aspect_ratio:
+        raise ImageError(
+            422, f"image shape {width}x{height} is too elongated: the limit is {args.max_aspect_ratio:g} to 1"
         )
     # Every scan starts with an SOS marker, which entropy-coded data cannot hold (a 0xFF byte
     # there is followed by 0x00): counting the markers bounds the decoder's passes.
     scans = encoded.count(b"\xff\xda") if image_format == "JPEG" else 0
-    if scans > max_jpeg_scans:
+    if scans > args.max_jpeg_scans:
         raise ImageError(
-            422, f"JPEG of {scans} scans: the limit is {max_jpeg_scans} (encoders write at most about 10)"
+            422, f"JPEG of {scans} scans: the limit is {args.max_jpeg_scans} (encoders write at most about 10)"
         )
     return {"format": image_format, "width": width, "height": height}
+
+
+class FairSlots:
+    """`slots` held at once, granted to waiting clients in turn (round robin), not in order of
+    arrival: a client with 16 slow photos queued delays another's photo by one decoding, not 16."""
+
+    def __init__(self, slots: int):
+        self.free = slots
+        self.waiting: collections.OrderedDict = collections.OrderedDict()  # client -> deque of futures
+
+    @contextlib.asynccontextmanager
+    async def slot(self, client: str):
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self.waiting.setdefault(client, collections.deque()).append(granted)
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._release()  # granted as it was cancelled: pass it on
+                else:
+                    self._forget(client, granted)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self.waiting:
+            client, queue = next(iter(self.waiting.items()))
+            granted = queue.popleft()
+            if queue:
+                self.waiting.move_to_end(client)
+            else:
+                del self.waiting[client]
+            if not granted.done():  # not cancelled meanwhile
+                granted.set_result(None)
+                return
+        self.free += 1
+
+    def _forget(self, client: str, granted) -> None:
+        queue = self.waiting.get(client)
+        if queue is not None and granted in queue:
+            queue.remove(granted)
+            if not queue:
+                del self.waiting[client]
 
 
 @serve.deployment
@@ -141,7 +198,7 @@ class Classifier:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
         self.args = args
-        self.decodes = asyncio.Semaphore(args.max_concurrent_decodes)
+        self.decodes = FairSlots(args.max_concurrent_decodes)
         self.bundle = load_bundle(args.bundle)
         self.info = self.bundle.info | {"tensorflow_threads": tf.config.threading.get_intra_op_parallelism_threads()}
         self.predict_batch.set_max_batch_size(args.max_batch_size)
@@ -155,11 +212,12 @@ class Classifier:
         TensorFlow threads the replica runs with."""
         return self.info
 
-    async def classify(self, encoded: bytes, top_k: int = DEFAULT_TOP_K) -> dict:
+    async def classify(self, encoded: bytes, top_k: int = DEFAULT_TOP_K, client: str = "") -> dict:
         """The `top_k` breeds of one encoded photo, its verdict (`breed`, `unsure` or
-        `not_a_dog`) and novelty score, with the model's name and version."""
-        inspect_image(encoded, self.args.max_image_pixels, self.args.max_aspect_ratio, self.args.max_jpeg_scans)
-        async with self.decodes:  # each decoding may hold hundreds of MB: a few at a time
+        `not_a_dog`) and novelty score, with the model's name and version. Photos are decoded
+        a few at a time (each may hold hundreds of MB), `client` by `client` in turn."""
+        inspect_image(encoded, self.args)
+        async with self.decodes.slot(client):
             image = await asyncio.to_thread(self._prepare, encoded)
         probabilities, score = await self.predict_batch(image)
         names = self.bundle.class_names
@@ -314,13 +372,13 @@ def read_api_token(args: ServeArgs) -> Optional[str]:
 def build_http_app(classifier, info: dict, args: ServeArgs):
     """The ingress's FastAPI app: the JSON API, then the Gradio UI mounted at `/`, all behind
     the guard (`dogbreeds.guard`: hosts, token, body and time limits, requests per client)."""
-    from dogbreeds import guard
-
     token = read_api_token(args)
     app = _api_app(info)
     _add_predict_route(app, classifier, args, len(info["class_names"]))
     _add_description_routes(app, classifier, info, args, token)
-    app = _mount_ui(app, classifier, info, args)  # after the API: the UI's `/` takes every other path
+    from dogbreeds import ui
+
+    app = ui.mount_ui(app, classifier, info, args)  # after the API: the UI's `/` takes every other path
     limits = guard.Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(guard.Limits)})
     app.add_middleware(guard.Guard, limits=limits, token=token)
     return app
@@ -363,7 +421,7 @@ def _add_predict_route(app, classifier, args: ServeArgs, num_classes: int) -> No
     ):
         """The top k breeds of a photo: a multipart upload (`file`) or the raw image bytes."""
         encoded = await read_upload(request, args.max_upload_bytes)
-        return await classifier.classify.remote(encoded, k)
+        return await classifier.classify.remote(encoded, k, guard.client_key(request.client.host if request.client else ""))
 
 
 def _add_description_routes(app, classifier, info: dict, args: ServeArgs, token: Optional[str]) -> None:
@@ -390,93 +448,6 @@ def _add_description_routes(app, classifier, info: dict, args: ServeArgs, token:
         serving = args.model_dump(exclude={"bundle", "examples_dir", "api_token_file"})
         serving |= {"tensorflow_threads": info["tensorflow_threads"], "api_token": token is not None}
         return public_values(described | {"serving": serving})
-
-
-# ---------------------------------------------------------------------------------------------
-# The Gradio UI: a client of the classifier like any other.
-
-
-def _mount_ui(app, classifier, info: dict, args: ServeArgs):
-    """`app` with the Gradio UI (`build_ui`) mounted at `/`."""
-    import gradio
-
-    ui = build_ui(classifier, info, args)
-    app = gradio.mount_gradio_app(
-        app, ui, path="/", max_file_size=args.max_upload_bytes, footer_links=["api"], ssr_mode=False,
-        # System fonts: the default theme fetches Google Fonts, which an offline server may not reach.
-        theme=gradio.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                                 font_mono=["ui-monospace", "monospace"]),
-    )
-    # Gradio checks that a file named in an API call was uploaded only once its app counts as
-    # launched, which mounting never marks: without this, any server file could be read.
-    ui.has_launched = True
-    return app
-
-
-def find_examples(folder: str, count: int = 6) -> list[str]:
-    """Up to `count` photos of `folder` for the UI, one per sub-folder first."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"examples folder not found: {folder}")
-    by_folder: dict[str, list[str]] = {}
-    for photo in photo_files(folder):
-        by_folder.setdefault(os.path.dirname(photo), []).append(photo)
-    folders = [photos for _, photos in sorted(by_folder.items())]
-    chosen = [photos[0] for photos in folders[:count]]
-    rest = [photo for photos in folders for photo in photos if photo not in chosen]
-    return chosen + rest[: count - len(chosen)]
-
-
-def verdict_text(result: dict, num_classes: int) -> str:
-    """What the UI says of a photo, in words, from its verdict."""
-    breed, probability = result["predictions"][0]["breed"], result["predictions"][0]["probability"]
-    if result["verdict"] == "not_a_dog":
-        return ("### This does not look like a dog\nIt is unlike every dog this model was trained on "
-                f"(were it one, its best guess would be {breed}, {probability:.0%}).")
-    if result["verdict"] == "unsure":
-        return (f"### Not sure which breed\nA dog, it seems, but maybe of a breed outside the {num_classes} "
-                f"this model knows: its best guess, {breed}, has only {probability:.0%}.")
-    return f"### {breed}\n{probability:.0%} sure."
-
-
-def build_ui(classifier, info: dict, args: ServeArgs):
-    """The Gradio page: a photo in, the top 5 breeds out as bars, or an honest "not sure"."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a server
-    import gradio as gr
-
-    num_classes = len(info["class_names"])
-    test = info.get("metrics", {}).get("test", {})
-    accuracy = f", test top-1 {test['top1']:.0%}" if "top1" in test else ""
-
-    async def classify_photo(path):
-        if not path:
-            return "", None
-        with open(path, "rb") as handle:  # a path Gradio checked it received as an upload
-            encoded = handle.read(args.max_upload_bytes + 1)
-        try:
-            result = await classifier.classify.remote(encoded, DEFAULT_TOP_K)
-        except ImageError as error:
-            return f"### Cannot read this photo\n{error.reason}", None
-        return verdict_text(result, num_classes), {p["breed"]: p["probability"] for p in result["predictions"]}
-
-    # Uploads are deleted once older than upload_cache_max_age_s, checked every minute (or sooner).
-    delete_cache = (min(60, args.upload_cache_max_age_s), args.upload_cache_max_age_s)
-    with gr.Blocks(title="dogbreeds", delete_cache=delete_cache) as ui:
-        gr.Markdown(
-            f"# Which dog breed is this?\nUpload or paste a photo. Model {info['name']} "
-            f"(version {info['version']}), {num_classes} breeds{accuracy}."
-        )
-        with gr.Row():
-            photo = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                             label="Photo", height=360)
-            with gr.Column():
-                verdict = gr.Markdown(elem_id="verdict")
-                bars = gr.Label(num_top_classes=DEFAULT_TOP_K, label="Top 5", show_heading=False, elem_id="top5")
-        if args.examples_dir:
-            gr.Examples(find_examples(args.examples_dir), inputs=photo, label="Example photos")
-        photo.change(classify_photo, photo, [verdict, bars])
-    # UI photos batch like API ones; a full queue tells the page the service is busy.
-    ui.queue(default_concurrency_limit=args.max_batch_size, max_size=args.ui_queue_size)
-    return ui
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,6 +531,10 @@ HAPROXY_ENV = {
 }
 
 
+# Whether a Ray that `dogbreeds serve` starts exports metrics (default: no).
+RAY_METRICS_VARIABLE = "RAY_enable_metrics_collection"
+
+
 # Serve's own log lines from the proxy and the replicas: warnings and errors (a replica that
 # fails, a request that raises) reach the console of `dogbreeds serve`; the access log, a line
 # per request, would drown them.
@@ -578,6 +553,11 @@ def start_serve(host: str, port: int, ray_address: str | None = None, haproxy: b
             raise ValueError(f"HAProxy mode is set when Ray starts: start it with {HAPROXY_ENV}")
         os.environ.update(HAPROXY_ENV)
     if not ray.is_initialized():
+        if not ray_address:
+            # Ray's Prometheus endpoint answers anyone on every interface, without a token (node
+            # address, session, routes, counts); its gRPC ports need Ray's token. Set the
+            # variable to 1 to export metrics all the same.
+            os.environ.setdefault(RAY_METRICS_VARIABLE, "0")
         # "local": a new Ray of our own, never a cluster that `ray start` left running. The
         # replicas' output reaches this console (their errors and warnings: SERVE_LOGGING).
         ray.init(address=ray_address or "local", include_dashboard=False)
@@ -587,31 +567,39 @@ def start_serve(host: str, port: int, ray_address: str | None = None, haproxy: b
 
 def run_server(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None,
                haproxy: bool = False) -> None:
-    """`dogbreeds serve`: deploy the app, print its URL and serve until interrupted."""
+    """`dogbreeds serve`: deploy the app behind the front (`dogbreeds.front`) on host:port, print
+    its URL and serve until SIGINT or SIGTERM."""
     import ray
+
+    from dogbreeds.front import Front, limits_from, serve_until_stopped
 
     if haproxy and "max_requests_per_client" not in args.model_fields_set:
         # Ray's HAProxy does not forward client addresses: every request comes from HAProxy,
         # so a bound per client would bound them all together.
         args = args.model_copy(update={"max_requests_per_client": args.max_ongoing_requests})
     application = build_app(args)  # bad arguments fail before Ray starts
-    # The proxy's own timeout, a little after the guard's, for what never reaches the ingress.
-    start_serve(host, port, ray_address, haproxy, args.request_timeout_s + 5)
+    # Serve's proxy on loopback, for the front only; its own timeout a little after the guard's,
+    # for what never reaches the ingress.
+    proxy_port = _free_loopback_port()
+    start_serve("127.0.0.1", proxy_port, ray_address, haproxy, args.request_timeout_s + 5)
     try:
         serve.run(application, name="dogbreeds", route_prefix="/", logging_config=SERVE_LOGGING)
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        url = f"http://{shown}:{port}"
-        print(f"dogbreeds serve: {url}/  (JSON API: POST {url}/predict, docs: {url}/docs)", flush=True)
-
-        def stop(signal_number, frame):
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, stop)
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("dogbreeds serve: stopping", flush=True)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        banner = (f"dogbreeds serve: {url}/  (JSON API: POST {url}/predict, docs: {url}/docs; "
+                  f"Serve's proxy behind it: 127.0.0.1:{proxy_port})")
+        asyncio.run(serve_until_stopped(Front(limits_from(args), proxy_port), host, port, banner))
+    except KeyboardInterrupt:  # before the front took over the signals
+        pass
     finally:
+        print("dogbreeds serve: stopping", flush=True)
         serve.shutdown()
         ray.shutdown()
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 

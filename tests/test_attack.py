@@ -49,7 +49,12 @@ def test_hostile_inputs_are_what_they_claim(tmp_path):
                      "gradio_file_read_proc_self_environ", "gradio_file_read_bundle_model",
                      "gradio_file_read_tmp_gradio_traversal", "gradio_file_read_dev_zero", "host_evil_example",
                      "header_of_100kb", "gradio_dev_reload", "model_without_paths", "slow_bodies_300_clients",
-                     "flood_100_requests_from_one_address"):
+                     "flood_100_requests_from_one_address", "flood_100_requests_forging_x_forwarded_for",
+                     "unfinished_headers_300_connections", "a_header_line_every_2_s_300_connections",
+                     "two_host_headers_the_last_allowed", "forwarded_host_evil_example", "serve_route_table",
+                     "page_of_another_origin_reads_config", "gradio_heartbeat_get_with_200mb_body",
+                     "gradio_queue_data_of_no_session", "gradio_join_of_no_function", "gradio_upload_of_random_bytes",
+                     "gradio_uploads_of_120_mb_from_one_address"):
         assert expected in names
     assert names[-1] == "gradio_file_read_dev_zero"  # it hangs today's ingress: last
     for case in cases:  # no 5xx, but 503 ("busy") for the slow clients

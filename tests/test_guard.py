@@ -42,3 +42,21 @@ def test_route_is_the_path_inside_the_app():
     assert guard.route({"path": "/bench/predict", "root_path": "/bench"}) == "/predict"
     assert guard.route({"path": "/predict", "root_path": ""}) == "/predict"
     assert guard.route({"path": "/bench", "root_path": "/bench"}) == "/"
+
+
+def test_a_client_is_an_address_or_an_ipv6_slash_64():
+    assert guard.client_key("127.0.0.3") == "127.0.0.3"
+    assert guard.client_key("2001:db8:1:2:aaaa::1") == guard.client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert guard.client_key("2001:db8:1:3::1") != guard.client_key("2001:db8:1:2::1")
+    assert guard.client_key("::ffff:10.0.0.7") == "10.0.0.7"
+    assert guard.client_key("fe80::1%eth0") == "fe80::/64"
+    assert guard.client_key("unknown") == "unknown"
+
+
+@pytest.mark.parametrize("origin, host, same", [
+    ("http://127.0.0.1:8000", "127.0.0.1:8000", True), ("https://Dogs.Example", "dogs.example", True),
+    ("http://localhost:1", "localhost:8000", False), ("http://evil.example", "127.0.0.1:8000", False),
+    ("null", "127.0.0.1:8000", False), ("file://", "127.0.0.1", False),
+])
+def test_same_origin(origin, host, same):
+    assert guard.same_origin(origin, host) is same

@@ -12,6 +12,7 @@ import pathlib
 import re
 import shlex
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -23,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dogbreeds import cli, serve as serving
+from dogbreeds import cli, ui
+from dogbreeds import serve as serving
 from tests.conftest import (
     ARTIFACTS, NOT_DOGS_DIR, ROOT, SAMPLE_DIR, SHARED, LocalCluster, free_port, listener, run_readme_curl,
     serving_command,
@@ -65,7 +67,12 @@ def _png_bomb(side: int = 20000) -> bytes:
 
 def test_inspect_image_reads_headers_and_refuses_what_it_cannot_read():
     photo = PHOTO.read_bytes()
-    assert serving.inspect_image(photo, 50_000_000, 20)["format"] == "JPEG"
+    args = serving.ServeArgs(bundle="b")
+
+    def bounded(**bounds):
+        return args.model_copy(update=bounds)
+
+    assert serving.inspect_image(photo, args)["format"] == "JPEG"
     for encoded, status in [
         (b"", 400),
         (b"just some text\n", 415),
@@ -75,20 +82,51 @@ def test_inspect_image_reads_headers_and_refuses_what_it_cannot_read():
         (_encode(Image.new("L", (999_999, 1)), "PNG"), 422),
     ]:
         with pytest.raises(serving.ImageError) as error:
-            serving.inspect_image(encoded, 50_000_000, 20)
+            serving.inspect_image(encoded, args)
         assert error.value.status_code == status and error.value.reason
     with pytest.raises(serving.ImageError, match="limit is 1000"):
-        serving.inspect_image(photo, 1000, 20)
+        serving.inspect_image(photo, bounded(max_image_pixels=1000))
     with pytest.raises(serving.ImageError, match="too elongated"):
-        serving.inspect_image(_encode(Image.new("RGB", (300, 100)), "PNG"), 50_000_000, 2.5)
+        serving.inspect_image(_encode(Image.new("RGB", (300, 100)), "PNG"), bounded(max_aspect_ratio=2.5))
+    # Pixels per byte: a 4 MP photo passes; a flat 4 MP image of a few KB does not (under 2 MP it would).
+    assert serving.inspect_image(_encode(Image.open(PHOTO).resize((2400, 1800)), "JPEG"), args)["width"] == 2400
+    with pytest.raises(serving.ImageError, match="1 byte per 100 pixels"):
+        serving.inspect_image(_encode(Image.new("RGB", (2400, 1800)), "WEBP", lossless=True), args)
+    assert serving.inspect_image(_encode(Image.new("RGB", (1400, 1400)), "PNG"), args)["width"] == 1400
     # Scans: a progressive photo's 10 pass, the attack suite's 100,000 do not, nor 11 under a bound of 10.
     from dogbreeds.attack.inputs import jpeg_of_many_scans
 
     progressive = _encode(Image.open(PHOTO), "JPEG", progressive=True)
-    assert serving.inspect_image(progressive, 50_000_000, 20, 10)["format"] == "JPEG"
+    assert serving.inspect_image(progressive, bounded(max_jpeg_scans=10))["format"] == "JPEG"
     for scans, bound, side in ((100_000, 100, 2048), (11, 10, 64)):
         with pytest.raises(serving.ImageError, match=f"JPEG of {scans} scans: the limit is {bound}"):
-            serving.inspect_image(jpeg_of_many_scans(scans, side), 50_000_000, 20, bound)
+            serving.inspect_image(jpeg_of_many_scans(scans, side), bounded(max_jpeg_scans=bound))
+
+
+def test_decode_slots_go_to_clients_in_turn():
+    """Two slots; one client queues six photos, then another one: the second client's photo is
+    decoded next but one, not after the six; a cancelled wait gives its turn away."""
+    order = []
+
+    async def decode(slots, client, seconds=0.01):
+        async with slots.slot(client):
+            order.append(client)
+            await asyncio.sleep(seconds)
+
+    async def main():
+        slots = serving.FairSlots(2)
+        greedy = [asyncio.ensure_future(decode(slots, "a")) for _ in range(6)]
+        await asyncio.sleep(0)
+        cancelled = asyncio.ensure_future(decode(slots, "c"))
+        await asyncio.sleep(0)
+        other = asyncio.ensure_future(decode(slots, "b"))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(*greedy, other, return_exceptions=True)
+        assert slots.free == 2 and not slots.waiting
+
+    asyncio.run(main())
+    assert order.index("b") <= 3 and order.count("a") == 6 and "c" not in order, order
 
 
 def test_serve_arguments_are_checked(tiny_bundle_dir, capsys):
@@ -105,9 +143,9 @@ def test_serve_arguments_are_checked(tiny_bundle_dir, capsys):
 
 
 def test_examples_are_one_photo_per_folder_first():
-    examples = serving.find_examples(str(SAMPLE_DIR))
+    examples = ui.find_examples(str(SAMPLE_DIR))
     assert len(examples) == 6 and len({os.path.dirname(path) for path in examples}) == 6
-    assert len(serving.find_examples(str(NOT_DOGS_DIR), 20)) == 10
+    assert len(ui.find_examples(str(NOT_DOGS_DIR), 20)) == 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +276,10 @@ def test_health_labels_model_and_openapi(client, bundle):
     assert {"/predict", "/healthz", "/labels", "/model"} <= set(openapi["paths"])
     assert "multipart/form-data" in openapi["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
-    assert "gradio" in client.get("/").text.lower()
+    page = client.get("/")
+    assert "gradio" in page.text.lower()
+    # No answer is read as another type than it says, or framed by another site.
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "SAMEORIGIN"
 
 
 @functools.lru_cache
@@ -359,7 +400,7 @@ def test_a_browser_uploads_a_photo_and_sees_breeds(server, bundle):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
-    examples = serving.find_examples(str(SAMPLE_DIR))
+    examples = ui.find_examples(str(SAMPLE_DIR))
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_ARGS)
         try:
@@ -420,14 +461,14 @@ def _wait_for(predicate, timeout: float, what: str):
 
 @contextlib.contextmanager
 def _dogbreeds_serve(argv: list[str], log, env=None):
-    """`dogbreeds serve ...` as a user runs it: yields the URL it prints; stopped by Ctrl-C,
-    after which it must exit 0."""
+    """`dogbreeds serve ...` as a user runs it: yields the URL it prints; stopped by SIGINT
+    within a minute, after which it must exit 0."""
     with open(log, "w") as output:
-        # Ctrl-C as in a terminal, even when the tests themselves run in a background job
-        # (which starts its children with SIGINT ignored).
+        # Started as a shell starts a background job, with SIGINT ignored: Ctrl-C (or `kill
+        # -INT`) must stop it all the same.
         process = subprocess.Popen([sys.executable, "-m", "dogbreeds.cli", "serve", *argv], cwd=ROOT,
                                    stdout=output, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = _wait_for(
             lambda: re.search(r"^dogbreeds serve: (http://\S+)/ ", log.read_text(), re.M) or process.poll() is not None,
@@ -438,7 +479,7 @@ def _dogbreeds_serve(argv: list[str], log, env=None):
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=120)
+            process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -456,7 +497,9 @@ def test_dogbreeds_serve_with_haproxy_answers_the_readme_curl(bundle_dir, tmp_pa
         assert url == f"http://127.0.0.1:{port}"  # 127.0.0.1 unless told otherwise
         answer = run_readme_curl(port)
         assert len(answer["predictions"]) == 3 and answer["predictions"][0]["breed"]
-        assert listener(port) == "haproxy"
+        # HAProxy behind the front, on the port the front passes requests to.
+        (proxy_port,) = re.findall(r"Serve's proxy behind it: 127\.0\.0\.1:(\d+)", (tmp_path / "serve.log").read_text())
+        assert listener(int(proxy_port)) == "haproxy"
         # Behind HAProxy every client has HAProxy's address: no bound per client but the total.
         serving = json.loads(urllib.request.urlopen(f"{url}/model", timeout=60).read())["serving"]
         assert serving["max_requests_per_client"] == serving["max_ongoing_requests"]
@@ -500,6 +543,33 @@ def test_replica_warnings_reach_the_console_and_requests_do_not(guarded_server):
 
 
 @pytest.mark.slow
+def test_what_dogbreeds_serve_opens_beyond_loopback_needs_rays_token(guarded_server):
+    """Every port of `dogbreeds serve` and the Ray it started: the front on 127.0.0.1; on other
+    interfaces only Ray's gRPC servers and agents, which want Ray's token: no HTTP answer but
+    401 (Ray's Prometheus metrics answered anyone there)."""
+    import psutil
+
+    port = int(guarded_server["url"].rsplit(":", 1)[1])
+    (front,) = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    processes = [psutil.Process(front), *psutil.Process(front).children(recursive=True)]
+    listening = {(c.laddr.ip, c.laddr.port) for process in processes for c in process.net_connections("tcp")
+                 if c.status == "LISTEN"}
+    assert ("127.0.0.1", port) in listening
+    exposed = [(ip, p) for ip, p in listening if not ip.startswith("127.") and ip != "::1"]
+    assert exposed, "Ray's gRPC servers listen on every interface: expected some"
+    for ip, exposed_port in exposed:
+        address = "127.0.0.1" if ip in ("0.0.0.0", "::") else ip
+        with socket.create_connection((address, exposed_port), timeout=5) as connection:
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            connection.settimeout(3)
+            try:
+                answer = connection.recv(200)
+            except OSError:
+                answer = b""
+        assert not answer.startswith(b"HTTP/") or answer[9:12] == b"401", f"{ip}:{exposed_port} answered {answer!r}"
+
+
+@pytest.mark.slow
 def test_an_api_token_guards_the_api_and_the_ui(guarded_server):
     """/predict and the UI answer 401 without the token and work with it (a bearer header, or
     the cookie a browser gets from `/?token=`); /healthz stays open for load balancers; the
@@ -519,11 +589,17 @@ def test_an_api_token_guards_the_api_and_the_ui(guarded_server):
         assert http.post("/predict", content=photo, headers=wrong).status_code == 401
         bearer = {"Authorization": f"Bearer {token}"}
         assert http.post("/predict", content=photo, headers=bearer).status_code == 200
+        assert http.post("/predict", content=photo, headers={"Authorization": f"bearer {token}"}).status_code == 200
+        # `?token=` opens a page; an API call carries it in a header, not in logged URLs.
+        assert http.post(f"/predict?token={token}", content=photo).status_code == 401
         model = http.get("/model", headers=bearer)
         assert model.json()["serving"]["api_token"] is True and token not in model.text
     with httpx.Client(base_url=url, timeout=60) as browser:  # keeps cookies, like a browser
         opened = browser.get(f"/?token={token}")
         assert opened.status_code == 303 and opened.headers["location"] == "/"
+        # The token's link always leads home: not to another site, nor a 500 for a path Location cannot hold.
+        for path in ("//evil.example/", "/%E2%98%83"):
+            assert browser.get(f"{path}?token={token}", follow_redirects=False).headers["location"] == "/", path
         assert browser.get("/").status_code == 200 and "gradio" in browser.get("/").text.lower()
         assert browser.post("/predict", content=photo).status_code == 200
     ui = gradio_client.Client(f"{url}/", verbose=False, headers={"Authorization": f"Bearer {token}"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import os
 import secrets
 import struct
@@ -39,6 +40,7 @@ class HostileInput:
     detail_string: bool = False  # the answer must be JSON {"detail": "<a string>"}
     no_absolute_paths: bool = False  # the answer must name no absolute filesystem path
     must_not_create: Optional[str] = None  # a file the request must not write
+    must_not_echo: Optional[bytes] = None  # what the request sent that no answer may repeat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +134,15 @@ def corrupt_png(png: bytes) -> bytes:
     """The PNG with bytes in the middle of its compressed data flipped (its CRC now wrong)."""
     middle = len(png) // 2
     return png[:middle] + bytes(b ^ 0xFF for b in png[middle:middle + 64]) + png[middle + 64:]
+
+
+def png_of_noise(side: int) -> bytes:
+    """A real photo-sized PNG that does not compress: side x side RGB noise, ~3 x side² bytes."""
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return _encode(Image.fromarray(noise), "PNG", compress_level=0)
 
 
 def zip_archive(files: dict[str, bytes]) -> bytes:
@@ -262,7 +273,17 @@ def _bomb_cases(photo: bytes) -> list[tuple]:
         ("png_1x999999", _as_file(png_of_zeros(1, 999_999), "strip.png"), {422}, True),
         ("jpeg_claiming_65000x65000", _as_file(jpeg_claiming_size(photo, 65000, 65000)), {422}, True),
         ("jpeg_of_100000_scans", _as_file(jpeg_of_many_scans(100_000)), {422}, True),
+        # Tiny files of many pixels (a second of decoding each): refused by pixels per byte.
+        ("webp_lossless_6000x6000_flat", _as_file(_flat(6000, "WEBP", lossless=True), "flat.webp"), {422}, True),
+        ("jpeg_progressive_6000x6000_flat", _as_file(_flat(6000, "JPEG", progressive=True, quality=5)), {422}, True),
     ]
+
+
+def _flat(side: int, image_format: str, **options) -> bytes:
+    """A side x side image of one grey: a large photo in a small file."""
+    from PIL import Image
+
+    return _encode(Image.new("RGB", (side, side), (120, 120, 120)), image_format, **options)
 
 
 def _polyglot_cases(photo: bytes, rgb) -> list[tuple]:
@@ -329,13 +350,13 @@ def _predict_cases(photo: bytes, num_classes: int, max_upload_bytes: int, gif_fr
             for name, request, acceptable, detail in cases]
 
 
-def _huge_json(path: str, size: int, chunked: bool = False) -> dict:
+def _huge_json(path: str, size: int, chunked: bool = False, method: str = "POST") -> dict:
     """A JSON body of `size` bytes to `path`, generated while it is sent (never held whole)."""
-    return {"huge_json": {"path": path, "size": size, "chunked": chunked}}
+    return {"huge_json": {"path": path, "size": size, "chunked": chunked, "method": method}}
 
 
 def _gradio_cases(photo: bytes, canaries: dict[str, str], bundle_dir: str, token: str,
-                  huge_body_bytes: int) -> list[HostileInput]:
+                  huge_body_bytes: int, upload_series_mb: int) -> list[HostileInput]:
     """Gradio's routes; the file reads come last, /dev/zero (which hangs today's ingress)
     after every other case of the suite (see `hostile_inputs`)."""
     outside = os.path.join(tempfile.gettempdir(), f"dogbreeds-attack-{secrets.token_hex(8)}-written-by-upload.txt")
@@ -347,6 +368,20 @@ def _gradio_cases(photo: bytes, canaries: dict[str, str], bundle_dir: str, token
         HostileInput("gradio_join_200mb_json", "gradio", _huge_json(GRADIO_JOIN, huge_body_bytes), refused_body),
         HostileInput("gradio_call_200mb_json_chunked", "gradio", _huge_json(GRADIO_CALL, huge_body_bytes, chunked=True),
                      refused_body | {400, 411}),
+        # An event stream answers at once and never reads a body: the body must be bounded anyway.
+        HostileInput("gradio_heartbeat_get_with_200mb_body", "gradio",
+                     _huge_json("/gradio_api/heartbeat/x", huge_body_bytes, method="GET"), refused_body),
+        HostileInput("gradio_queue_data_of_no_session", "gradio",
+                     http_request("/gradio_api/queue/data", method="GET", params={"session_hash": "x"}),
+                     frozenset({404})),
+        HostileInput("gradio_join_of_no_function", "gradio",
+                     http_request(GRADIO_JOIN, json.dumps({"data": [None], "fn_index": 99999, "session_hash": "x"}).encode(),
+                                  "application/json"), ANY_4XX),
+        HostileInput("gradio_upload_of_random_bytes", "gradio",
+                     upload_request([("files", "photo.jpg", secrets.token_bytes(100_000))], GRADIO_UPLOAD),
+                     frozenset({415})),
+        HostileInput(f"gradio_uploads_of_{upload_series_mb}_mb_from_one_address", "gradio",
+                     {"upload_series": {"total_mb": upload_series_mb}}, frozenset({200, 429})),
         HostileInput("gradio_upload_1000_files", "gradio",
                      upload_request([("files", f"{i}.jpg", b"x") for i in range(1000)], GRADIO_UPLOAD),
                      frozenset({413})),
@@ -394,6 +429,19 @@ def _header_and_route_cases(photo: bytes, host: str) -> list[HostileInput]:
         HostileInput("header_with_control_bytes", "headers",
                      _raw(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nX-Bad: a\x00\x01\x7f\r\nConnection: close\r\n\r\n"),
                      REFUSED_OR_CLOSED),
+        HostileInput("two_host_headers_the_last_allowed", "headers",
+                     _raw(f"GET /healthz HTTP/1.1\r\nHost: evil.example\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+                     frozenset({400})),
+        HostileInput("forwarded_host_evil_example", "headers",
+                     http_request("/", method="GET", headers={"x-forwarded-host": "evil.example"}), frozenset({200}),
+                     must_not_echo=b"evil.example"),
+        HostileInput("page_of_another_origin_reads_config", "headers",
+                     http_request("/config", method="GET", headers={"origin": "http://localhost:1"}),
+                     frozenset({403})),
+        HostileInput("serve_route_table", "routes", http_request("/-/routes", method="GET"), frozenset({404})),
+        HostileInput("serve_route_table_percent_encoded", "routes",
+                     _raw(f"GET /%2D/routes HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+                     frozenset({404})),
         HostileInput("gradio_dev_reload", "routes", http_request("/gradio_api/dev/reload", method="GET"),
                      frozenset({404})),
         HostileInput("model_without_paths", "routes", http_request("/model", method="GET"), frozenset({200}),
@@ -405,7 +453,8 @@ def hostile_inputs(photo: bytes, bundle_dir: str, canaries: dict[str, str], toke
                    num_classes: int, max_upload_bytes: int = 10 * 1024 * 1024, gif_frames: int = 500,
                    huge_body_bytes: int = 200 * 1024 * 1024, slow_clients: int = 300,
                    slow_wait_s: float = 60.0 + SLOW_GRACE_S, flood_requests: int = 100,
-                   per_client_limit: int = 32) -> list[HostileInput]:
+                   per_client_limit: int = 32, header_wait_s: float = 10.0 + SLOW_GRACE_S,
+                   upload_series_mb: int = 120) -> list[HostileInput]:
     """Every attack, cheapest and least destructive first: a case that wrecks today's server
     (the 999,999 x 1 PNG, the 500-frame GIF, Gradio reading /dev/zero) runs after the others.
 
@@ -418,14 +467,25 @@ def hostile_inputs(photo: bytes, bundle_dir: str, canaries: dict[str, str], toke
         HostileInput(f"slow_bodies_{slow_clients}_clients", "slow",
                      {"slow_bodies": {"clients": slow_clients, "wait_s": slow_wait_s}},
                      frozenset({408, 429, 503, CLOSED})),
+        HostileInput(f"unfinished_headers_{slow_clients}_connections", "slow",
+                     {"slow_headers": {"clients": slow_clients, "wait_s": header_wait_s, "drip": False}},
+                     frozenset({408, 429, 503, CLOSED})),
+        HostileInput(f"a_header_line_every_2_s_{slow_clients}_connections", "slow",
+                     {"slow_headers": {"clients": slow_clients, "wait_s": header_wait_s, "drip": True}},
+                     frozenset({408, 429, 503, CLOSED})),
+        HostileInput("event_streams_16_from_each_of_36_addresses", "slow",
+                     {"streams": {"sources": 36, "per_source": 16}}, frozenset({200, 429, 503})),
         HostileInput(f"flood_{flood_requests}_requests_from_one_address", "slow",
                      {"flood": {"requests": flood_requests, "per_client_limit": per_client_limit}},
+                     frozenset({200, 429})),
+        HostileInput(f"flood_{flood_requests}_requests_forging_x_forwarded_for", "slow",
+                     {"flood": {"requests": flood_requests, "per_client_limit": per_client_limit, "forge": True}},
                      frozenset({200, 429})),
     ]
     dev_zero = HostileInput("gradio_file_read_dev_zero", "gradio", {"file_read": {"path": "/dev/zero"}}, PHOTO_OR_4XX)
     gradio_photo = HostileInput("gradio_classifies_a_photo", "gradio", {"gradio_photo": {}}, frozenset({200}))
     return ([case for case in predict if case.name not in destructive]
             + _header_and_route_cases(photo, host)
-            + _gradio_cases(photo, canaries, bundle_dir, token, huge_body_bytes)
+            + _gradio_cases(photo, canaries, bundle_dir, token, huge_body_bytes, upload_series_mb)
             + slow + [gradio_photo]
             + [case for case in predict if case.name in destructive] + [dev_zero])

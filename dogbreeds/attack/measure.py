@@ -16,7 +16,7 @@ from dogbreeds.attack.inputs import HostileInput
 
 # The Serve processes whose memory is sampled: a substring of the process title -> role.
 ROLES = {"ServeReplica:{app}:Classifier": "classifier", "ServeReplica:{app}:Ingress": "ingress",
-         "ProxyActor": "proxy", "haproxy": "proxy"}
+         "ProxyActor": "proxy", "haproxy": "proxy", "dogbreeds serve": "front", "dogbreeds.cli serve": "front"}
 # Memory samples per second; the 500-frame GIF's peak lasts seconds, not milliseconds.
 SAMPLES_PER_S = 10
 # An absolute filesystem path in an answer: two components or more, not part of a URL.
@@ -27,17 +27,18 @@ QUOTED_PATH = re.compile(r"'(/[^'\n]+/[^'\n]+)'|\"(/[^\"\n]+/[^\"\n]+)\"")
 
 def serve_processes(port: int, app_name: str = "dogbreeds", server_pid: Optional[int] = None) -> dict:
     """The Serve processes of the server on `port`, {pid: (role, psutil.Process)}: the
-    descendants of `server_pid` (a `dogbreeds serve`), else of the raylet above the process
-    listening on the port, else every matching process of this machine."""
+    descendants of `server_pid` (a `dogbreeds serve`, its front included), else of the raylet
+    above the process listening on the port or of that process (`dogbreeds serve`'s front), else
+    every matching process of this machine."""
     import psutil
 
     root = psutil.Process(server_pid) if server_pid else None
     if root is None:
         for connection in psutil.net_connections("tcp"):
             if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
-                ancestors = psutil.Process(connection.pid).parents()
-                root = next((process for process in ancestors if process.name() == "raylet"), None)
-    candidates = root.children(recursive=True) if root else psutil.process_iter()
+                listener = psutil.Process(connection.pid)
+                root = next((process for process in listener.parents() if process.name() == "raylet"), listener)
+    candidates = [root, *root.children(recursive=True)] if root else psutil.process_iter()
     roles = {key.format(app=app_name): role for key, role in ROLES.items()}
     found = {}
     for process in candidates:
@@ -183,6 +184,8 @@ def find_leaks(case: HostileInput, result: dict, secret_tests: dict) -> list[dic
         paths = sorted({path for _, body in result["bodies"] for path in absolute_paths(body)})
         if paths:
             leaks.append({"case": case.name, "secret": "absolute_paths", "where": paths[:10]})
+    if case.must_not_echo and any(case.must_not_echo in body for _, body in result["bodies"]):
+        leaks.append({"case": case.name, "secret": "echoed", "where": case.must_not_echo.decode("latin-1")})
     if case.must_not_create and os.path.exists(case.must_not_create):
         leaks.append({"case": case.name, "secret": "file_written", "where": case.must_not_create})
         os.remove(case.must_not_create)

@@ -77,8 +77,9 @@ def _judge(case: HostileInput, result: dict, probe: tuple[int, float], seconds: 
 
 
 def _case_timeout(case: HostileInput, case_timeout_s: float, file_read_timeout_s: float) -> float:
-    if "slow_bodies" in case.request:
-        return case.request["slow_bodies"]["wait_s"] + 30
+    for slow in ("slow_bodies", "slow_headers"):
+        if slow in case.request:
+            return case.request[slow]["wait_s"] + 30
     if "file_read" in case.request or "gradio_photo" in case.request:
         # The call, its events and the fetches back; /dev/zero must be answered within it.
         return file_read_timeout_s + MAX_FILE_FETCHES * BODY_READ_S
@@ -117,7 +118,7 @@ async def _run_cases(target: Target, cases: list[HostileInput], sampler: Optiona
 
 def run_attack(url: str, bundle_dir: str, photo_path: str, *, server_pid: Optional[int] = None,
                app_name: str = "dogbreeds", max_upload_bytes: int = 10 * 1024 * 1024,
-               request_timeout_s: float = 60.0, case_timeout_s: float = 60.0, probe_timeout_s: float = 30.0,
+               request_timeout_s: float = 60.0, header_timeout_s: float = 10.0, case_timeout_s: float = 60.0, probe_timeout_s: float = 30.0,
                probe_bound_s: float = 10.0, file_read_timeout_s: float = 10.0, slow_clients: int = 300,
                flood_requests: int = 100, per_client_limit: int = 32, gif_frames: int = 500,
                huge_body_bytes: int = 200 * 1024 * 1024, names: Optional[list[str]] = None,
@@ -125,8 +126,8 @@ def run_attack(url: str, bundle_dir: str, photo_path: str, *, server_pid: Option
     """Every hostile input against the server at `url` (a loopback address), each followed by
     the real photo at `photo_path`; the memory of the server's processes sampled meanwhile.
 
-    The sizes and limits are the server's defaults (`request_timeout_s`: slow clients must be
-    answered within it, plus `SLOW_GRACE_S`); `names`: only the cases whose name contains one
+    The sizes and limits are the server's defaults (`request_timeout_s`, `header_timeout_s`:
+    slow clients must be answered within them, plus `SLOW_GRACE_S`); `names`: only the cases whose name contains one
     of these; `progress` is called with each case's record. A probe slower than
     `probe_bound_s` counts in `slow_probes`. Stops early (`not_run`) when
     `FAILED_PROBES_TO_STOP` probes in a row fail: the service is down. `kill_above_mb`: see
@@ -147,7 +148,7 @@ def run_attack(url: str, bundle_dir: str, photo_path: str, *, server_pid: Option
         cases = hostile_inputs(
             photo, bundle_dir, canaries, token, parts.hostname, _num_classes(url, probe_timeout_s), max_upload_bytes,
             gif_frames, huge_body_bytes, slow_clients, request_timeout_s + SLOW_GRACE_S, flood_requests,
-            per_client_limit)
+            per_client_limit, header_timeout_s + SLOW_GRACE_S)
         cases = [case for case in cases if not names or any(name in case.name for name in names)]
         options = dict(case_timeout_s=case_timeout_s, file_read_timeout_s=file_read_timeout_s,
                        slow_probe_bound_s=probe_bound_s)

@@ -13,7 +13,7 @@ from typing import Optional
 from urllib.parse import quote
 
 from dogbreeds.attack.inputs import (CLOSED, GRADIO_CALL, GRADIO_UPLOAD, PREDICT, HostileInput, http_request,
-                                     upload_request)
+                                     png_of_noise, upload_request)
 from dogbreeds.attack.measure import named_paths
 
 NO_ANSWER = -1  # no answer within the case's time limit
@@ -24,11 +24,18 @@ GRADIO_FILE = "/gradio_api/file="
 MAX_BODY_BYTES = 1024 * 1024
 # Bytes per write of a huge body: large enough to send 200 MB in a second over loopback.
 STREAM_CHUNK_BYTES = 256 * 1024
+# The side of the noise photos of an upload series: 9 MB each, under the 10 MB upload limit.
+UPLOAD_SERIES_SIDE = 1750
+UPLOAD_SERIES_SOURCE = "127.0.0.20"
+# How long a held event stream may take to start.
+STREAM_WAIT_S = 10.0
 # The slow clients come from these loopback addresses (a per-client limit sees 8 clients).
 SLOW_SOURCES = tuple(f"127.0.0.{host}" for host in range(2, 10))
 # A slow client sends this many bytes of its body every `SLOW_DRIP_INTERVAL_S`.
 SLOW_DRIP_BYTES = 2
 SLOW_DRIP_INTERVAL_S = 1.0
+# A slow client's next header line comes after this long.
+SLOW_HEADER_INTERVAL_S = 2.0
 # How long the slow clients are held before the probe is sent among them.
 SLOW_SETTLE_S = 2.0
 # A route that streams forever (an event stream, /dev/zero) still gives its status: its body
@@ -189,11 +196,10 @@ async def send_probe(target: Target) -> tuple[int, float]:
     return status, round(time.perf_counter() - started, 3)
 
 
-async def _slow_client(target: Target, source: str, started: float, wait_s: float) -> tuple[int, float]:
-    """Headers of a multipart upload, then its body a few bytes a second, until the server
-    answers or closes (its status, seconds) or `wait_s` after `started` (`NO_ANSWER`)."""
-    head = (f"POST {PREDICT} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
-            "Content-Type: multipart/form-data; boundary=slow\r\nContent-Length: 1000000\r\n\r\n--slow\r\n")
+async def _slow_client(target: Target, source: str, started: float, wait_s: float, head: bytes,
+                       drip: bytes, interval_s: float) -> tuple[int, float]:
+    """`head`, then `drip` every `interval_s`, until the server answers or closes (its status,
+    seconds) or `wait_s` after `started` (`NO_ANSWER`)."""
     try:
         reader, writer = await asyncio.wait_for(_open(target, source), 10)
     except (OSError, asyncio.TimeoutError):
@@ -201,11 +207,11 @@ async def _slow_client(target: Target, source: str, started: float, wait_s: floa
     received = bytearray()
     reading = asyncio.ensure_future(_read_answer(reader, received))
     try:
-        writer.write(head.encode())
+        writer.write(head)
         while not received and not reading.done() and time.perf_counter() - started < wait_s:
-            await asyncio.wait({reading}, timeout=SLOW_DRIP_INTERVAL_S)
+            await asyncio.wait({reading}, timeout=interval_s)
             if not received and not reading.done():
-                writer.write(b"-" * SLOW_DRIP_BYTES)
+                writer.write(drip)
                 await writer.drain()
     except (ConnectionError, OSError):
         pass
@@ -219,11 +225,13 @@ async def _slow_client(target: Target, source: str, started: float, wait_s: floa
     return status, round(time.perf_counter() - started, 1)
 
 
-async def _slow_bodies(target: Target, clients: int, wait_s: float, probe_bound_s: float) -> dict:
-    """`clients` slow uploads from `SLOW_SOURCES`; while they are held, the probe from
-    127.0.0.1 must get 200 within `probe_bound_s`."""
+async def _slow_clients(target: Target, clients: int, wait_s: float, probe_bound_s: float, head: bytes,
+                        drip: bytes, interval_s: float) -> dict:
+    """`clients` slow clients (`_slow_client`) from `SLOW_SOURCES`; while they are held, the
+    probe from 127.0.0.1 must get 200 within `probe_bound_s`."""
     started = time.perf_counter()
-    tasks = [asyncio.ensure_future(_slow_client(target, SLOW_SOURCES[i % len(SLOW_SOURCES)], started, wait_s))
+    tasks = [asyncio.ensure_future(_slow_client(target, SLOW_SOURCES[i % len(SLOW_SOURCES)], started, wait_s,
+                                                head, drip, interval_s))
              for i in range(clients)]
     await asyncio.sleep(SLOW_SETTLE_S)
     held = sum(not task.done() for task in tasks)
@@ -235,22 +243,82 @@ async def _slow_bodies(target: Target, clients: int, wait_s: float, probe_bound_
                    f"(bound {probe_bound_s} s)")
     seconds = sorted(second for _, second in outcomes)
     return case_result([status for status, _ in outcomes], problem=problem, held_when_probed=held,
-                   probe_during={"status": probe_status, "seconds": probe_seconds},
-                   slowest_answer_seconds=seconds[-1] if seconds else None)
+                       probe_during={"status": probe_status, "seconds": probe_seconds},
+                       slowest_answer_seconds=seconds[-1] if seconds else None)
 
 
-async def _flood(target: Target, requests: int, per_client_limit: int) -> dict:
-    """`requests` photos at once from one address: beyond the per-client limit, 429s."""
+def _slow_body_client(target: Target) -> dict:
+    """A multipart upload's headers, then its body 2 bytes a second."""
+    head = (f"POST {PREDICT} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+            "Content-Type: multipart/form-data; boundary=slow\r\nContent-Length: 1000000\r\n\r\n--slow\r\n")
+    return dict(head=head.encode(), drip=b"-" * SLOW_DRIP_BYTES, interval_s=SLOW_DRIP_INTERVAL_S)
+
+
+def _slow_header_client(target: Target, drip: bool) -> dict:
+    """A request's first headers and a header half written; then nothing, or a header line
+    every `SLOW_HEADER_INTERVAL_S`."""
+    head = f"GET /healthz HTTP/1.1\r\nHost: {target.host}:{target.port}\r\nX-a: "
+    return dict(head=head.encode(), drip=b"1\r\nX-a: " if drip else b"", interval_s=SLOW_HEADER_INTERVAL_S)
+
+
+async def _flood(target: Target, requests: int, per_client_limit: int, forge: bool = False) -> dict:
+    """`requests` photos at once from one address: beyond the per-client limit, 429s. `forge`:
+    each claims another client address in `X-Forwarded-For`."""
     import httpx
 
     request = upload_request([("file", "photo.jpg", target.photo)], content_type="image/jpeg")["http"]
+    forged = [{"x-forwarded-for": f"198.51.100.{i % 250 + 1}"} if forge else {} for i in range(requests)]
     limits = httpx.Limits(max_connections=requests, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=target.url, timeout=120, limits=limits) as client:
-        answers = await asyncio.gather(*(_send_http(client, request) for _ in range(requests)))
+        answers = await asyncio.gather(*(_send_http(client, request | {"headers": request.get("headers", {}) | headers}) for headers in forged))
     statuses = [status for status, _ in answers]
     problem = None
     if requests > per_client_limit and 429 not in statuses:
         problem = f"{requests} requests at once from one address: none refused (per-client limit {per_client_limit})"
+    return case_result(statuses, problem=problem)
+
+
+async def _held_stream(target: Target, source: str) -> tuple[int, object]:
+    """One of Gradio's event streams from `source`: its status once the answer starts (or
+    `NO_ANSWER` after `STREAM_WAIT_S`), and its writer, to close when told."""
+    try:
+        reader, writer = await asyncio.wait_for(_open(target, source), STREAM_WAIT_S)
+        writer.write(f"GET /gradio_api/heartbeat/{source} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n\r\n".encode())
+        first = await asyncio.wait_for(reader.read(64), STREAM_WAIT_S)
+    except (OSError, asyncio.TimeoutError):
+        return NO_ANSWER, None
+    return _status_of(first), writer
+
+
+async def _streams(target: Target, sources: int, per_source: int, probe_bound_s: float) -> dict:
+    """`per_source` event streams held from each of `sources` loopback addresses; while they
+    are open, the probe must get 200 within `probe_bound_s`."""
+    held = await asyncio.gather(*(_held_stream(target, f"127.0.1.{i // per_source + 1}")
+                                  for i in range(sources * per_source)))
+    probe_status, probe_seconds = await send_probe(target)
+    for _, writer in held:
+        if writer is not None:
+            writer.close()
+    problem = None
+    if probe_status != 200 or probe_seconds > probe_bound_s:
+        problem = (f"a photo sent while {sum(status == 200 for status, _ in held)} streams were open got "
+                   f"{probe_status} in {probe_seconds} s (bound {probe_bound_s} s)")
+    return case_result([status for status, _ in held], problem=problem,
+                       probe_during={"status": probe_status, "seconds": probe_seconds})
+
+
+async def _upload_series(target: Target, total_mb: int) -> dict:
+    """Photos of 9 MB uploaded to the UI one after another from one address, `total_mb` in
+    all: past the upload cache's bound per client, 429s."""
+    import httpx
+
+    photo = png_of_noise(UPLOAD_SERIES_SIDE)
+    request = upload_request([("files", "noise.png", photo)], GRADIO_UPLOAD, content_type="image/png")["http"]
+    # From an address of its own: the uploads the bound counts are held for minutes.
+    transport = httpx.AsyncHTTPTransport(local_address=UPLOAD_SERIES_SOURCE)
+    async with httpx.AsyncClient(base_url=target.url, timeout=120, transport=transport) as client:
+        statuses = [(await _send_http(client, request))[0] for _ in range(-(-total_mb * 2**20 // len(photo)))]
+    problem = None if 429 in statuses else f"{total_mb} MB of uploads from one address: none refused"
     return case_result(statuses, problem=problem)
 
 
@@ -266,7 +334,7 @@ async def send_case(target: Target, case: HostileInput, file_read_timeout_s: flo
     if "huge_json" in request:
         spec = request["huge_json"]
         framing = "Transfer-Encoding: chunked" if spec["chunked"] else f"Content-Length: {spec['size']}"
-        head = (f"POST {spec['path']} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+        head = (f"{spec['method']} {spec['path']} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
                 f"Content-Type: application/json\r\n{framing}\r\nConnection: close\r\n\r\n").encode()
         status, body = await _send_raw(target, head, body_size=spec["size"], chunked=spec["chunked"],
                                        filler=(b'{"data": ["', b'"], "fn_index": 0}'))
@@ -277,7 +345,15 @@ async def send_case(target: Target, case: HostileInput, file_read_timeout_s: flo
         return await _gradio_photo(target, file_read_timeout_s)
     if "slow_bodies" in request:
         spec = request["slow_bodies"]
-        return await _slow_bodies(target, spec["clients"], spec["wait_s"], slow_probe_bound_s)
+        return await _slow_clients(target, spec["clients"], spec["wait_s"], slow_probe_bound_s, **_slow_body_client(target))
+    if "slow_headers" in request:
+        spec = request["slow_headers"]
+        return await _slow_clients(target, spec["clients"], spec["wait_s"], slow_probe_bound_s,
+                                   **_slow_header_client(target, spec["drip"]))
+    if "streams" in request:
+        return await _streams(target, **request["streams"], probe_bound_s=slow_probe_bound_s)
+    if "upload_series" in request:
+        return await _upload_series(target, **request["upload_series"])
     if "flood" in request:
-        return await _flood(target, request["flood"]["requests"], request["flood"]["per_client_limit"])
+        return await _flood(target, **request["flood"])
     raise ValueError(f"unknown request of case {case.name}: {sorted(request)}")
