@@ -9,6 +9,7 @@ breeds, and on photos without dogs.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
 import tempfile
@@ -497,7 +498,26 @@ def _measure_bare(bundle_dir: str, photos: list[bytes], max_batch_size: int, dur
     one_photo = _bare_images_per_s(lambda: forward(prepared[:1]), 1, duration_s)
     bare["bare_forward_one_photo_images_per_s"] = one_photo
     bare["bare_forward_batched_over_one_photo"] = round(bare["bare_forward_images_per_s"] / one_photo, 2)
+    bare |= _measure_large_jpeg(bundle, photos[0], duration_s)
     return bare
+
+
+def _measure_large_jpeg(bundle, photo: bytes, duration_s: float) -> dict:
+    """A phone's 12 MP photo (`photo` enlarged to 4000x3000, baseline and progressive) through
+    the bundle's preparation: decoded at a fraction of its size (`data.jpeg_scale`, as the
+    classifier does) against decoded whole, in photos/s."""
+    from PIL import Image
+
+    measured = {}
+    for kind, options in (("baseline", {}), ("progressive", {"progressive": True})):
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(photo)).convert("RGB").resize((4000, 3000)).save(buffer, "JPEG", quality=90, **options)
+        large, scale = buffer.getvalue(), data.jpeg_scale(buffer.getvalue(), bundle.image_size)
+        scaled = _bare_images_per_s(lambda: bundle._prepare_graph(large, scale), 1, duration_s)
+        whole = _bare_images_per_s(lambda: bundle._prepare_graph(large, 0), 1, duration_s)
+        measured |= {f"prepare_12mp_{kind}_jpeg_per_s": scaled, f"prepare_12mp_{kind}_jpeg_whole_per_s": whole,
+                     f"prepare_12mp_{kind}_jpeg_scaled_over_whole": round(scaled / whole, 2)}
+    return measured
 
 
 def _serve_over_bare(result: dict, top_concurrency: int) -> dict:

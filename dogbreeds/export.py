@@ -170,13 +170,17 @@ class Bundle:
         from dogbreeds import data
 
         ops = data.build_ops(self.info["preprocessing"]["chain"])
-        return tf.function(lambda encoded: ops({"image": encoded})["image"],
-                           input_signature=[tf.TensorSpec([], tf.string)])
+        return tf.function(lambda encoded, scale: ops({"image": encoded, "jpeg_scale": scale})["image"],
+                           input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
 
     def prepare(self, encoded: bytes) -> np.ndarray:
         """Encoded image bytes -> the model's input, by the same ops as in training (of an
-        animation, its first frame only)."""
-        return self._prepare_graph(first_frame(encoded)).numpy()
+        animation, its first frame only; a JPEG far larger than the input decoded at a
+        fraction of its size, `data.jpeg_scale`, where training decodes whole)."""
+        from dogbreeds import data
+
+        encoded = first_frame(encoded)
+        return self._prepare_graph(encoded, data.jpeg_scale(encoded, self.image_size)).numpy()
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, classes] for prepared uint8 images [N, S, S, 3]."""

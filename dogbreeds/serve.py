@@ -156,6 +156,17 @@ class FairSlots:
         finally:
             self._release()
 
+    async def run_in_thread(self, client: str, function, *args):
+        """`function(*args)` in a thread, in a slot. Cancelled while waiting, it never runs;
+        cancelled while running (a thread cannot be stopped), it keeps its slot to the end."""
+        async with self.slot(client):
+            running = asyncio.ensure_future(asyncio.to_thread(function, *args))
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                await asyncio.gather(running, return_exceptions=True)
+                raise
+
     def _release(self) -> None:
         while self.waiting:
             client, queue = next(iter(self.waiting.items()))
@@ -215,10 +226,10 @@ class Classifier:
     async def classify(self, encoded: bytes, top_k: int = DEFAULT_TOP_K, client: str = "") -> dict:
         """The `top_k` breeds of one encoded photo, its verdict (`breed`, `unsure` or
         `not_a_dog`) and novelty score, with the model's name and version. Photos are decoded
-        a few at a time (each may hold hundreds of MB), `client` by `client` in turn."""
+        a few at a time (each may hold hundreds of MB), `client` by `client` in turn; a
+        cancelled request (timed out, or its client left) leaves the queue."""
         inspect_image(encoded, self.args)
-        async with self.decodes.slot(client):
-            image = await asyncio.to_thread(self._prepare, encoded)
+        image = await self.decodes.run_in_thread(client, self._prepare, encoded)
         probabilities, score = await self.predict_batch(image)
         names = self.bundle.class_names
         best = np.argsort(-probabilities, kind="stable")[:top_k]

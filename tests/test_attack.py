@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dogbreeds import attack, bench, cli
+from dogbreeds import serve as serving
 from tests.conftest import ARTIFACTS, ROOT, SAMPLE_DIR, SHARED, free_port, listener, run_readme_curl, serving_command
 
 PHOTO = SAMPLE_DIR / "Images" / "n02085620-Chihuahua" / "imagenet_sample_n02085620_Chihuahua.JPEG"
@@ -54,7 +55,8 @@ def test_hostile_inputs_are_what_they_claim(tmp_path):
                      "two_host_headers_the_last_allowed", "forwarded_host_evil_example", "serve_route_table",
                      "page_of_another_origin_reads_config", "gradio_heartbeat_get_with_200mb_body",
                      "gradio_queue_data_of_no_session", "gradio_join_of_no_function", "gradio_upload_of_random_bytes",
-                     "gradio_uploads_of_120_mb_from_one_address"):
+                     "gradio_uploads_of_120_mb_from_one_address",
+                     "large_photos_16_in_flight_from_one_address_then_abandoned"):
         assert expected in names
     assert names[-1] == "gradio_file_read_dev_zero"  # it hangs today's ingress: last
     for case in cases:  # no 5xx, but 503 ("busy") for the slow clients
@@ -66,6 +68,9 @@ def test_hostile_inputs_are_what_they_claim(tmp_path):
     assert 6_000_000 < len(gif) < 7_000_000
     with Image.open(io.BytesIO(gif[gif.index(b"GIF8"):])) as image:
         assert image.size == (4000, 4000) and image.n_frames == 500
+    large = attack.large_progressive_photo(photo)  # a photo every bound lets through
+    assert len(large) < serving.ServeArgs(bundle="x").max_upload_bytes
+    assert serving.inspect_image(large, serving.ServeArgs(bundle="x"))["width"] == 7000
     strip = attack.png_of_zeros(999_999, 1)
     assert len(strip) < 2000 and Image.open(io.BytesIO(strip)).size == (999_999, 1)
     with pytest.raises(Image.DecompressionBombError, match="4225000000 pixels"):  # 65000 x 65000

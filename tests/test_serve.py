@@ -129,6 +129,36 @@ def test_decode_slots_go_to_clients_in_turn():
     assert order.index("b") <= 3 and order.count("a") == 6 and "c" not in order, order
 
 
+def test_a_cancelled_decoding_keeps_its_slot_until_its_thread_ends():
+    """One slot: A decoding (a thread), B waiting, C after them; A and B cancelled. B never
+    runs; C starts only once A's thread has ended (a thread cannot be stopped)."""
+    runs = []
+
+    def decode(name):
+        runs.append([name, time.perf_counter(), None])
+        time.sleep(0.2)
+        runs[-1][2] = time.perf_counter()
+        return name
+
+    async def main():
+        slots = serving.FairSlots(1)
+        first = asyncio.ensure_future(slots.run_in_thread("a", decode, "A"))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(slots.run_in_thread("b", decode, "B"))
+        after = asyncio.ensure_future(slots.run_in_thread("c", decode, "C"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        waiting.cancel()
+        assert await after == "C"
+        await asyncio.gather(first, waiting, return_exceptions=True)
+        assert first.cancelled() and waiting.cancelled() and slots.free == 1 and not slots.waiting
+
+    asyncio.run(main())
+    assert [name for name, _, _ in runs] == ["A", "C"]
+    (_, _, first_end), (_, second_start, _) = runs
+    assert first_end <= second_start
+
+
 def test_serve_arguments_are_checked(tiny_bundle_dir, capsys):
     with pytest.raises(ValueError, match="max_batch_size"):
         serving.parse_serve_args(bundle="x", max_batch_size=0)
@@ -687,4 +717,7 @@ def test_bench_serve_prints_and_writes_json(server, bundle_dir, tmp_path, capsys
     assert result["bare_forward_batched_over_one_photo"] == pytest.approx(
         result["bare_forward_images_per_s"] / result["bare_forward_one_photo_images_per_s"], abs=0.01)
     assert result["serve_at_4_over_bare_model_predict"] > 0 and result["batched_over_unbatched_at_4"] > 0
+    for kind in ("baseline", "progressive"):
+        assert result[f"prepare_12mp_{kind}_jpeg_scaled_over_whole"] == pytest.approx(
+            result[f"prepare_12mp_{kind}_jpeg_per_s"] / result[f"prepare_12mp_{kind}_jpeg_whole_per_s"], abs=0.01)
     assert '"benchmark": "serve"' in capsys.readouterr().out

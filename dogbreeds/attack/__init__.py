@@ -25,12 +25,13 @@ The package reads in the order of a run: `inputs` builds the cases and their hos
 `run` runs every case, judges each and summarizes.
 """
 
-from dogbreeds.attack.inputs import CLOSED, HostileInput, hostile_inputs, jpeg_claiming_size, multipart, png_of_zeros
+from dogbreeds.attack.inputs import (CLOSED, HostileInput, hostile_inputs, jpeg_claiming_size, large_progressive_photo,
+                                     multipart, png_of_zeros)
 from dogbreeds.attack.measure import absolute_paths, leak_tests, named_paths
 from dogbreeds.attack.run import run_attack, summarize, write_canaries
 from dogbreeds.attack.send import NO_ANSWER
 
 __all__ = [
-    "CLOSED", "NO_ANSWER", "HostileInput", "absolute_paths", "hostile_inputs", "jpeg_claiming_size", "leak_tests",
-    "multipart", "named_paths", "png_of_zeros", "run_attack", "summarize", "write_canaries",
+    "CLOSED", "NO_ANSWER", "HostileInput", "absolute_paths", "hostile_inputs", "jpeg_claiming_size", "large_progressive_photo",
+    "leak_tests", "multipart", "named_paths", "png_of_zeros", "run_attack", "summarize", "write_canaries",
 ]

@@ -117,6 +117,15 @@ def jpeg_of_many_scans(scans: int, side: int = 2048) -> bytes:
     return encoded[:ends[-1]] + encoded[start:end] * (scans - len(starts)) + encoded[ends[-1]:]
 
 
+def large_progressive_photo(photo: bytes, side: int = 7000) -> bytes:
+    """`photo` as a `side` x `side` progressive JPEG: a real photo's detail (3.4 MB at 7000 px,
+    under every bound), the slowest kind to decode (0.2-0.7 s here)."""
+    from PIL import Image
+
+    return _encode(Image.open(io.BytesIO(photo)).convert("RGB").resize((side, side)), "JPEG", quality=90,
+                   progressive=True)
+
+
 def corrupt_jpeg(photo: bytes) -> bytes:
     """The photo with its Huffman tables overwritten: the header parses, the scan cannot."""
     corrupted, position = bytearray(photo), 2
@@ -475,6 +484,8 @@ def hostile_inputs(photo: bytes, bundle_dir: str, canaries: dict[str, str], toke
                      frozenset({408, 429, 503, CLOSED})),
         HostileInput("event_streams_16_from_each_of_36_addresses", "slow",
                      {"streams": {"sources": 36, "per_source": 16}}, frozenset({200, 429, 503})),
+        HostileInput("large_photos_16_in_flight_from_one_address_then_abandoned", "slow",
+                     {"decode_queue": {"in_flight": 16, "seconds": 6.0, "abandoned_rounds": 5}}, frozenset({200})),
         HostileInput(f"flood_{flood_requests}_requests_from_one_address", "slow",
                      {"flood": {"requests": flood_requests, "per_client_limit": per_client_limit}},
                      frozenset({200, 429})),

@@ -13,7 +13,7 @@ from typing import Optional
 from urllib.parse import quote
 
 from dogbreeds.attack.inputs import (CLOSED, GRADIO_CALL, GRADIO_UPLOAD, PREDICT, HostileInput, http_request,
-                                     png_of_noise, upload_request)
+                                     large_progressive_photo, png_of_noise, upload_request)
 from dogbreeds.attack.measure import named_paths
 
 NO_ANSWER = -1  # no answer within the case's time limit
@@ -27,6 +27,10 @@ STREAM_CHUNK_BYTES = 256 * 1024
 # The side of the noise photos of an upload series: 9 MB each, under the 10 MB upload limit.
 UPLOAD_SERIES_SIDE = 1750
 UPLOAD_SERIES_SOURCE = "127.0.0.20"
+# The client that queues large photos (`_decode_queue`); a client the probe is not, and whose
+# requests it abandons after this long.
+DECODE_QUEUE_SOURCE = "127.0.0.21"
+ABANDON_AFTER_S = 0.5
 # How long a held event stream may take to start.
 STREAM_WAIT_S = 10.0
 # The slow clients come from these loopback addresses (a per-client limit sees 8 clients).
@@ -322,6 +326,59 @@ async def _upload_series(target: Target, total_mb: int) -> dict:
     return case_result(statuses, problem=problem)
 
 
+async def _post_photo(client, photo: bytes, timeout_s: float) -> int:
+    """`photo` to /predict: its status, or `NO_ANSWER` once the client gives up after `timeout_s`."""
+    import httpx
+
+    try:
+        answer = await client.post(PREDICT, content=photo, headers={"content-type": "image/jpeg"}, timeout=timeout_s)
+    except httpx.TimeoutException:
+        return NO_ANSWER
+    return answer.status_code
+
+
+async def _decode_queue(target: Target, in_flight: int, seconds: float, abandoned_rounds: int,
+                        probe_bound_s: float) -> dict:
+    """One client keeps `in_flight` large photos (each a fraction of a second to decode) in
+    flight for `seconds`; halfway, the probe (another client) must get 200 within
+    `probe_bound_s`. Then it sends `abandoned_rounds` x `in_flight` of them, giving each up after
+    `ABANDON_AFTER_S`, and a photo of its own: that must not wait behind the abandoned ones."""
+    import httpx
+
+    photo = large_progressive_photo(target.photo)
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=0)
+    transport = httpx.AsyncHTTPTransport(local_address=DECODE_QUEUE_SOURCE, limits=limits)
+    async with httpx.AsyncClient(base_url=target.url, transport=transport) as client:
+        stop = time.perf_counter() + seconds
+
+        async def keep_sending() -> list[int]:
+            statuses = []
+            while time.perf_counter() < stop:
+                statuses.append(await _post_photo(client, photo, 120))
+            return statuses
+
+        senders = [asyncio.ensure_future(keep_sending()) for _ in range(in_flight)]
+        await asyncio.sleep(seconds / 2)
+        probe_status, probe_seconds = await send_probe(target)
+        statuses = [status for sender in await asyncio.gather(*senders) for status in sender]
+        for _ in range(abandoned_rounds):
+            await asyncio.gather(*(_post_photo(client, photo, ABANDON_AFTER_S) for _ in range(in_flight)))
+        await asyncio.sleep(ABANDON_AFTER_S)  # for the guard to count the abandoned ones out
+        started = time.perf_counter()
+        own_status = await _post_photo(client, target.photo, target.probe_timeout_s)
+        own_seconds = round(time.perf_counter() - started, 3)
+    problems = []
+    if probe_status != 200 or probe_seconds > probe_bound_s:
+        problems.append(f"a photo sent while one client kept {in_flight} large photos in flight got {probe_status} "
+                        f"in {probe_seconds} s (bound {probe_bound_s} s)")
+    if own_status != 200 or own_seconds > probe_bound_s:
+        problems.append(f"that client's own photo after {abandoned_rounds * in_flight} abandoned ones got "
+                        f"{own_status} in {own_seconds} s (bound {probe_bound_s} s)")
+    return case_result(statuses, problem="; ".join(problems) or None, photo_bytes=len(photo),
+                       probe_during={"status": probe_status, "seconds": probe_seconds},
+                       after_abandoned={"status": own_status, "seconds": own_seconds})
+
+
 async def send_case(target: Target, case: HostileInput, file_read_timeout_s: float, slow_probe_bound_s: float) -> dict:
     """Send one case; see the module's docstring for the answer."""
     request = case.request
@@ -356,4 +413,6 @@ async def send_case(target: Target, case: HostileInput, file_read_timeout_s: flo
         return await _upload_series(target, **request["upload_series"])
     if "flood" in request:
         return await _flood(target, **request["flood"])
+    if "decode_queue" in request:
+        return await _decode_queue(target, **request["decode_queue"], probe_bound_s=slow_probe_bound_s)
     raise ValueError(f"unknown request of case {case.name}: {sorted(request)}")
