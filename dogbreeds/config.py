@@ -183,8 +183,11 @@ class ServeArgs(pydantic.BaseModel):
     # tiny scans took 70 s to decode. Encoders write 1 (baseline) to about 10 (libjpeg's
     # progressive script). Counted in the bytes before decoding (an embedded thumbnail's count too).
     max_jpeg_scans: int = pydantic.Field(100, ge=1)
-    # Photos one classifier replica decodes at once: a 50 MP photo takes ~0.6 GB while it does.
-    max_concurrent_decodes: int = pydantic.Field(2, ge=1)
+    # Photos one classifier replica decodes at once (a 50 MP photo takes ~0.6 GB while it does);
+    # 0: the replica's CPUs (as tensorflow_threads). More decodings than CPUs only contend: with
+    # one client keeping 16 large photos in flight on 2 cores, another's photo took 1.2-2.9 s at 2
+    # and 0.4-0.9 s at 1, and the large ones went through faster.
+    max_concurrent_decodes: int = pydantic.Field(0, ge=0)
     # Below this top probability the answer is `unsure` instead of a breed.
     confidence_threshold: float = pydantic.Field(CONFIDENCE_THRESHOLD, ge=0, le=1)
     # A folder of photos the UI offers as examples (up to 6, one per sub-folder); None: none.

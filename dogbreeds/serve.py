@@ -129,17 +129,20 @@ def inspect_image(encoded: bytes, args: ServeArgs) -> dict:
 
 
 class FairSlots:
-    """`slots` held at once, granted to waiting clients in turn (round robin), not in order of
-    arrival: a client with 16 slow photos queued delays another's photo by one decoding, not 16."""
+    """`slots` held at once; a slot given back goes to the waiting client that holds fewest
+    (ties in turn, round robin), not in order of arrival: a client with 16 slow photos queued
+    delays another's photo by one decoding at most, not 16."""
 
     def __init__(self, slots: int):
         self.free = slots
+        self.held: collections.Counter = collections.Counter()  # client -> slots held
         self.waiting: collections.OrderedDict = collections.OrderedDict()  # client -> deque of futures
 
     @contextlib.asynccontextmanager
     async def slot(self, client: str):
         if self.free > 0 and not self.waiting:
             self.free -= 1
+            self.held[client] += 1
         else:
             granted = asyncio.get_running_loop().create_future()
             self.waiting.setdefault(client, collections.deque()).append(granted)
@@ -147,14 +150,14 @@ class FairSlots:
                 await granted
             except asyncio.CancelledError:
                 if granted.done() and not granted.cancelled():
-                    self._release()  # granted as it was cancelled: pass it on
+                    self._release(client)  # granted as it was cancelled: pass it on
                 else:
                     self._forget(client, granted)
                 raise
         try:
             yield
         finally:
-            self._release()
+            self._release(client)
 
     async def run_in_thread(self, client: str, function, *args):
         """`function(*args)` in a thread, in a slot. Cancelled while waiting, it never runs;
@@ -167,9 +170,13 @@ class FairSlots:
                 await asyncio.gather(running, return_exceptions=True)
                 raise
 
-    def _release(self) -> None:
+    def _release(self, client: str) -> None:
+        self.held[client] -= 1
+        if not self.held[client]:
+            del self.held[client]
         while self.waiting:
-            client, queue = next(iter(self.waiting.items()))
+            client = min(self.waiting, key=self.held.__getitem__)  # the first of the least served
+            queue = self.waiting[client]
             granted = queue.popleft()
             if queue:
                 self.waiting.move_to_end(client)
@@ -177,6 +184,7 @@ class FairSlots:
                 del self.waiting[client]
             if not granted.done():  # not cancelled meanwhile
                 granted.set_result(None)
+                self.held[client] += 1
                 return
         self.free += 1
 
@@ -209,7 +217,7 @@ class Classifier:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
         self.args = args
-        self.decodes = FairSlots(args.max_concurrent_decodes)
+        self.decodes = FairSlots(args.max_concurrent_decodes or reserved)
         self.bundle = load_bundle(args.bundle)
         self.info = self.bundle.info | {"tensorflow_threads": tf.config.threading.get_intra_op_parallelism_threads()}
         self.predict_batch.set_max_batch_size(args.max_batch_size)
