@@ -145,6 +145,10 @@ class SearchConfig:
 CONFIDENCE_THRESHOLD = 0.5
 
 
+# The number of breeds an answer names when the request does not say (`/predict?k=`).
+DEFAULT_TOP_K = 5
+
+
 class ServeArgs(pydantic.BaseModel):
     """The typed arguments of `serve.build_app`; `serve deploy` validates a config's `args` here."""
 

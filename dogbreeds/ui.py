@@ -10,9 +10,9 @@ import time
 import urllib.parse
 
 from dogbreeds import guard
-from dogbreeds.config import ServeArgs
+from dogbreeds.config import DEFAULT_TOP_K, ServeArgs
 from dogbreeds.data import photo_files  # data.py loads TensorFlow only when it decodes
-from dogbreeds.serve import DEFAULT_TOP_K, ImageError, inspect_image
+from dogbreeds.photos import ImageError, inspect_image
 
 
 

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from dogbreeds import attack, bench, cli
-from dogbreeds import serve as serving
+from dogbreeds import photos
+from dogbreeds.config import ServeArgs
 from tests.conftest import ARTIFACTS, ROOT, SAMPLE_DIR, SHARED, free_port, listener, run_readme_curl, serving_command
 
 PHOTO = SAMPLE_DIR / "Images" / "n02085620-Chihuahua" / "imagenet_sample_n02085620_Chihuahua.JPEG"
@@ -69,8 +70,8 @@ def test_hostile_inputs_are_what_they_claim(tmp_path):
     with Image.open(io.BytesIO(gif[gif.index(b"GIF8"):])) as image:
         assert image.size == (4000, 4000) and image.n_frames == 500
     large = attack.large_progressive_photo(photo)  # a photo every bound lets through
-    assert len(large) < serving.ServeArgs(bundle="x").max_upload_bytes
-    assert serving.inspect_image(large, serving.ServeArgs(bundle="x"))["width"] == 7000
+    assert len(large) < ServeArgs(bundle="x").max_upload_bytes
+    assert photos.inspect_image(large, ServeArgs(bundle="x"))["width"] == 7000
     strip = attack.png_of_zeros(999_999, 1)
     assert len(strip) < 2000 and Image.open(io.BytesIO(strip)).size == (999_999, 1)
     with pytest.raises(Image.DecompressionBombError, match="4225000000 pixels"):  # 65000 x 65000

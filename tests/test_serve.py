@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dogbreeds import cli, ui
+from dogbreeds import cli, photos, ui
 from dogbreeds import serve as serving
 from tests.conftest import (
     ARTIFACTS, NOT_DOGS_DIR, ROOT, SAMPLE_DIR, SHARED, LocalCluster, free_port, listener, run_readme_curl,
@@ -72,7 +72,7 @@ def test_inspect_image_reads_headers_and_refuses_what_it_cannot_read():
     def bounded(**bounds):
         return args.model_copy(update=bounds)
 
-    assert serving.inspect_image(photo, args)["format"] == "JPEG"
+    assert photos.inspect_image(photo, args)["format"] == "JPEG"
     for encoded, status in [
         (b"", 400),
         (b"just some text\n", 415),
@@ -81,26 +81,26 @@ def test_inspect_image_reads_headers_and_refuses_what_it_cannot_read():
         (_png_bomb(), 422),
         (_encode(Image.new("L", (999_999, 1)), "PNG"), 422),
     ]:
-        with pytest.raises(serving.ImageError) as error:
-            serving.inspect_image(encoded, args)
+        with pytest.raises(photos.ImageError) as error:
+            photos.inspect_image(encoded, args)
         assert error.value.status_code == status and error.value.reason
-    with pytest.raises(serving.ImageError, match="limit is 1000"):
-        serving.inspect_image(photo, bounded(max_image_pixels=1000))
-    with pytest.raises(serving.ImageError, match="too elongated"):
-        serving.inspect_image(_encode(Image.new("RGB", (300, 100)), "PNG"), bounded(max_aspect_ratio=2.5))
+    with pytest.raises(photos.ImageError, match="limit is 1000"):
+        photos.inspect_image(photo, bounded(max_image_pixels=1000))
+    with pytest.raises(photos.ImageError, match="too elongated"):
+        photos.inspect_image(_encode(Image.new("RGB", (300, 100)), "PNG"), bounded(max_aspect_ratio=2.5))
     # Pixels per byte: a 4 MP photo passes; a flat 4 MP image of a few KB does not (under 2 MP it would).
-    assert serving.inspect_image(_encode(Image.open(PHOTO).resize((2400, 1800)), "JPEG"), args)["width"] == 2400
-    with pytest.raises(serving.ImageError, match="1 byte per 100 pixels"):
-        serving.inspect_image(_encode(Image.new("RGB", (2400, 1800)), "WEBP", lossless=True), args)
-    assert serving.inspect_image(_encode(Image.new("RGB", (1400, 1400)), "PNG"), args)["width"] == 1400
+    assert photos.inspect_image(_encode(Image.open(PHOTO).resize((2400, 1800)), "JPEG"), args)["width"] == 2400
+    with pytest.raises(photos.ImageError, match="1 byte per 100 pixels"):
+        photos.inspect_image(_encode(Image.new("RGB", (2400, 1800)), "WEBP", lossless=True), args)
+    assert photos.inspect_image(_encode(Image.new("RGB", (1400, 1400)), "PNG"), args)["width"] == 1400
     # Scans: a progressive photo's 10 pass, the attack suite's 100,000 do not, nor 11 under a bound of 10.
     from dogbreeds.attack.inputs import jpeg_of_many_scans
 
     progressive = _encode(Image.open(PHOTO), "JPEG", progressive=True)
-    assert serving.inspect_image(progressive, bounded(max_jpeg_scans=10))["format"] == "JPEG"
+    assert photos.inspect_image(progressive, bounded(max_jpeg_scans=10))["format"] == "JPEG"
     for scans, bound, side in ((100_000, 100, 2048), (11, 10, 64)):
-        with pytest.raises(serving.ImageError, match=f"JPEG of {scans} scans: the limit is {bound}"):
-            serving.inspect_image(jpeg_of_many_scans(scans, side), bounded(max_jpeg_scans=bound))
+        with pytest.raises(photos.ImageError, match=f"JPEG of {scans} scans: the limit is {bound}"):
+            photos.inspect_image(jpeg_of_many_scans(scans, side), bounded(max_jpeg_scans=bound))
 
 
 def test_decode_slots_go_to_clients_in_turn():

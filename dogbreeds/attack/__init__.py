@@ -32,6 +32,7 @@ from dogbreeds.attack.run import run_attack, summarize, write_canaries
 from dogbreeds.attack.send import NO_ANSWER
 
 __all__ = [
-    "CLOSED", "NO_ANSWER", "HostileInput", "absolute_paths", "hostile_inputs", "jpeg_claiming_size", "large_progressive_photo",
-    "leak_tests", "multipart", "named_paths", "png_of_zeros", "run_attack", "summarize", "write_canaries",
+    "CLOSED", "NO_ANSWER", "absolute_paths", "hostile_inputs", "HostileInput", "jpeg_claiming_size",
+    "large_progressive_photo", "leak_tests", "multipart", "named_paths", "png_of_zeros", "run_attack",
+    "summarize", "write_canaries",
 ]
