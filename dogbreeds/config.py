@@ -192,6 +192,10 @@ class ServeArgs(pydantic.BaseModel):
     # one client keeping 16 large photos in flight on 2 cores, another's photo took 1.2-2.9 s at 2
     # and 0.4-0.9 s at 1, and the large ones went through faster.
     max_concurrent_decodes: int = pydantic.Field(0, ge=0)
+    # Photos of at most this many pixels (a phone's 12 MP, baseline at 1/4 scale: 12 ms) decode
+    # in a slot of their own, one per replica, so they never wait for a large one (a 49 MP
+    # progressive JPEG: 0.2-0.7 s); 0: every photo shares the slots above.
+    quick_decode_pixels: int = pydantic.Field(16_000_000, ge=0)
     # Below this top probability the answer is `unsure` instead of a breed.
     confidence_threshold: float = pydantic.Field(CONFIDENCE_THRESHOLD, ge=0, le=1)
     # A folder of photos the UI offers as examples (up to 6, one per sub-folder); None: none.

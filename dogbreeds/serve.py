@@ -126,6 +126,19 @@ class FairSlots:
                 del self.waiting[client]
 
 
+class DecodeSlots:
+    """`slots` shared by every photo (`FairSlots`), and one more for photos of at most
+    `quick_pixels`, so that a queue of large photos never holds a small one back."""
+
+    def __init__(self, slots: int, quick_pixels: int):
+        self.shared, self.quick, self.quick_pixels = FairSlots(slots), FairSlots(1), quick_pixels
+
+    async def run_in_thread(self, client: str, photo: dict, function, *args):
+        """`function(*args)` for `photo` (`inspect_image`'s answer), in its slot."""
+        slots = self.quick if photo["width"] * photo["height"] <= self.quick_pixels else self.shared
+        return await slots.run_in_thread(client, function, *args)
+
+
 @serve.deployment
 class Classifier:
     """The model, loaded once per replica; photos are checked one by one and predicted in
@@ -147,7 +160,7 @@ class Classifier:
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
         self.args = args
-        self.decodes = FairSlots(args.max_concurrent_decodes or reserved)
+        self.decodes = DecodeSlots(args.max_concurrent_decodes or reserved, args.quick_decode_pixels)
         self.bundle = load_bundle(args.bundle)
         self.info = self.bundle.info | {"tensorflow_threads": tf.config.threading.get_intra_op_parallelism_threads()}
         self.predict_batch.set_max_batch_size(args.max_batch_size)
@@ -166,8 +179,8 @@ class Classifier:
         `not_a_dog`) and novelty score, with the model's name and version. Photos are decoded
         a few at a time (each may hold hundreds of MB), `client` by `client` in turn; a
         cancelled request (timed out, or its client left) leaves the queue."""
-        inspect_image(encoded, self.args)
-        image = await self.decodes.run_in_thread(client, self._prepare, encoded)
+        photo = inspect_image(encoded, self.args)
+        image = await self.decodes.run_in_thread(client, photo, self._prepare, encoded)
         probabilities, score = await self.predict_batch(image)
         names = self.bundle.class_names
         best = np.argsort(-probabilities, kind="stable")[:top_k]

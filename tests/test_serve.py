@@ -160,6 +160,30 @@ def test_a_cancelled_decoding_keeps_its_slot_until_its_thread_ends():
     assert first_end <= second_start
 
 
+@pytest.mark.parametrize("quick_pixels", [16_000_000, 0])
+def test_a_small_photo_never_waits_for_a_large_one(quick_pixels):
+    """One shared decode slot, held by a large photo (a 0.3 s thread): a small photo from
+    another client decodes at once in the quick slot; without it (0), after the large one."""
+    runs = []
+
+    def decode(name):
+        runs.append((name, "start", time.perf_counter()))
+        time.sleep(0.3 if name == "large" else 0.01)
+        runs.append((name, "end", time.perf_counter()))
+
+    async def main():
+        slots = serving.DecodeSlots(1, quick_pixels)
+        large = asyncio.ensure_future(slots.run_in_thread("a", {"width": 7000, "height": 7000}, decode, "large"))
+        await asyncio.sleep(0.05)
+        await slots.run_in_thread("b", {"width": 500, "height": 375}, decode, "small")
+        await large
+
+    asyncio.run(main())
+    order = [(name, event) for name, event, _ in sorted(runs, key=lambda run: run[2])]
+    small_first = order.index(("small", "end")) < order.index(("large", "end"))
+    assert small_first == bool(quick_pixels), order
+
+
 def test_serve_arguments_are_checked(tiny_bundle_dir, capsys):
     with pytest.raises(ValueError, match="max_batch_size"):
         serving.parse_serve_args(bundle="x", max_batch_size=0)
