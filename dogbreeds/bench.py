@@ -512,9 +512,9 @@ def _measure_large_jpeg(bundle, photo: bytes, duration_s: float) -> dict:
     for kind, options in (("baseline", {}), ("progressive", {"progressive": True})):
         buffer = io.BytesIO()
         Image.open(io.BytesIO(photo)).convert("RGB").resize((4000, 3000)).save(buffer, "JPEG", quality=90, **options)
-        large, scale = buffer.getvalue(), data.jpeg_scale(buffer.getvalue(), bundle.image_size)
-        scaled = _bare_images_per_s(lambda: bundle._prepare_graph(large, scale), 1, duration_s)
-        whole = _bare_images_per_s(lambda: bundle._prepare_graph(large, 0), 1, duration_s)
+        large = buffer.getvalue()
+        scaled = _bare_images_per_s(lambda: bundle.prepare(large), 1, duration_s)
+        whole = _bare_images_per_s(lambda: bundle.prepare(large, scale=0), 1, duration_s)
         measured |= {f"prepare_12mp_{kind}_jpeg_per_s": scaled, f"prepare_12mp_{kind}_jpeg_whole_per_s": whole,
                      f"prepare_12mp_{kind}_jpeg_scaled_over_whole": round(scaled / whole, 2)}
     return measured

@@ -19,7 +19,6 @@ import dataclasses
 import fcntl
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
@@ -341,19 +340,12 @@ def get_decode():
     return decode
 
 
-def jpeg_scale(encoded: bytes, image_size: int) -> int:
+def jpeg_scale(image_format: str, short_side: int, image_size: int) -> int:
     """For the decode op's `jpeg_scale`: the index into `JPEG_SCALES` of the smallest decoding
-    of a JPEG whose short side still holds twice `image_size` (0 for any other image, or one too
-    small to shrink). The margin keeps the resize's antialiasing, and so the result, close to the
-    whole decoding; the gain is in large photos: a 12 MP photo for a 224 px model decodes at 1/4."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(encoded)) as image:
-            if image.format not in ("JPEG", "MPO"):
-                return 0
-            short_side = min(image.size)
-    except Exception:  # noqa: BLE001 - what Pillow cannot read, the decode op judges
+    of a JPEG whose short side still holds twice `image_size` (0 for any other format, or a JPEG
+    too small to shrink). The margin keeps the resize's antialiasing, and so the result, close to
+    the whole decoding; the gain is in large photos: a 12 MP photo for a 224 px model decodes at 1/4."""
+    if image_format not in ("JPEG", "MPO"):
         return 0
     return max(index for index, ratio in enumerate(JPEG_SCALES) if short_side // ratio >= 2 * image_size or index == 0)
 

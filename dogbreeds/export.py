@@ -173,14 +173,24 @@ class Bundle:
         return tf.function(lambda encoded, scale: ops({"image": encoded, "jpeg_scale": scale})["image"],
                            input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
 
-    def prepare(self, encoded: bytes) -> np.ndarray:
-        """Encoded image bytes -> the model's input, by the same ops as in training (of an
-        animation, its first frame only; a JPEG far larger than the input decoded at a
-        fraction of its size, `data.jpeg_scale`, where training decodes whole)."""
-        from dogbreeds import data
+    def prepare(self, encoded: bytes, header: dict | None = None, scale: int | None = None) -> np.ndarray:
+        """Encoded image bytes -> the model's input, by the same ops as in training; of an
+        animation, its first frame only. A JPEG far larger than the input decodes at a fraction
+        of its side, where training decodes whole: `scale`, an index into `data.JPEG_SCALES`
+        (0: whole), by default `data.jpeg_scale`'s. `header` is `photos.read_header`'s answer,
+        read here unless the caller has it (serving has)."""
+        from dogbreeds import data, photos
 
-        encoded = first_frame(encoded)
-        return self._prepare_graph(encoded, data.jpeg_scale(encoded, self.image_size)).numpy()
+        if header is None:
+            try:
+                header = photos.read_header(encoded)
+            except Exception:  # noqa: BLE001 - what Pillow cannot read, the decode op judges
+                header = {"format": None, "width": 0, "height": 0, "animated": False}
+        if header["animated"]:
+            encoded, header = first_frame(encoded), {**header, "format": "BMP"}
+        if scale is None:
+            scale = data.jpeg_scale(header["format"], min(header["width"], header["height"]), self.image_size)
+        return self._prepare_graph(encoded, scale).numpy()
 
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
         """Probabilities [N, classes] for prepared uint8 images [N, S, S, 3]."""
@@ -223,15 +233,13 @@ class Bundle:
 
 
 def first_frame(encoded: bytes) -> bytes:
-    """An animated GIF or WebP as its first frame (a BMP, which the decode op reads); any
-    other image unchanged. TensorFlow decodes every frame of a GIF before keeping the first
-    (gigabytes for a 6 MB file of 500 large frames) and does not read animated WebP at all."""
+    """An animated GIF or WebP (or a camera's MPO) as its first frame, a BMP, which the decode op
+    reads. TensorFlow decodes every frame of a GIF before keeping the first (gigabytes for a 6 MB
+    file of 500 large frames) and does not read animated WebP at all."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(encoded)) as image:
-            if not getattr(image, "is_animated", False):
-                return encoded
             image.seek(0)
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, "BMP")

@@ -27,8 +27,24 @@ class ImageError(ValueError):
         return self.reason
 
 
+def read_header(encoded: bytes) -> dict:
+    """Format, width, height and whether it is animated, of an encoded image, from its header
+    only (no decoding). Raises what Pillow raises: `Image.DecompressionBombError` for a bomb,
+    another error for what it cannot identify."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(encoded)) as image:
+            try:
+                animated = bool(getattr(image, "is_animated", False))
+            except Exception:  # noqa: BLE001 - a broken animation: the decode op judges its first frame
+                animated = False
+            return {"format": image.format, "width": image.size[0], "height": image.size[1], "animated": animated}
+
+
 def inspect_image(encoded: bytes, args: ServeArgs) -> dict:
-    """Format and size of an encoded photo, read from its header only (no decoding).
+    """`read_header`'s answer for a photo the service may decode.
 
     Raises `ImageError` for no bytes (400), what is not a supported image (415), decompression
     bombs (over `max_image_pixels`, or over `max_pixels_per_byte` for a large photo), extreme
@@ -39,16 +55,14 @@ def inspect_image(encoded: bytes, args: ServeArgs) -> dict:
     if not encoded:
         raise ImageError(400, "empty upload: the request holds no image bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(encoded)) as image:
-                image_format, (width, height) = image.format, image.size
+        header = read_header(encoded)
     except Image.DecompressionBombError as error:
         raise ImageError(422, f"image too large to decode safely: {error}") from None
     except Exception:  # noqa: BLE001 - whatever Pillow cannot identify is not a photo
         raise ImageError(
             415, f"not an image this service reads: send a {SUPPORTED_NAMES} photo"
         ) from None
+    image_format, width, height = header["format"], header["width"], header["height"]
     if image_format not in SUPPORTED_FORMATS:
         raise ImageError(415, f"{image_format} images are not supported: send {SUPPORTED_NAMES}")
     if width * height > args.max_image_pixels:
@@ -72,4 +86,4 @@ def inspect_image(encoded: bytes, args: ServeArgs) -> dict:
         raise ImageError(
             422, f"JPEG of {scans} scans: the limit is {args.max_jpeg_scans} (encoders write at most about 10)"
         )
-    return {"format": image_format, "width": width, "height": height}
+    return header

@@ -180,7 +180,7 @@ class Classifier:
         a few at a time (each may hold hundreds of MB), `client` by `client` in turn; a
         cancelled request (timed out, or its client left) leaves the queue."""
         photo = inspect_image(encoded, self.args)
-        image = await self.decodes.run_in_thread(client, photo, self._prepare, encoded)
+        image = await self.decodes.run_in_thread(client, photo, self._prepare, encoded, photo)
         probabilities, score = await self.predict_batch(image)
         names = self.bundle.class_names
         best = np.argsort(-probabilities, kind="stable")[:top_k]
@@ -195,11 +195,11 @@ class Classifier:
             "version": self.bundle.info["version"],
         }
 
-    def _prepare(self, encoded: bytes) -> np.ndarray:
+    def _prepare(self, encoded: bytes, photo: dict) -> np.ndarray:
         import tensorflow as tf
 
         try:
-            return self.bundle.prepare(encoded)
+            return self.bundle.prepare(encoded, photo)
         except tf.errors.OpError as error:
             detail = str(error).strip().splitlines()[0].split("}}")[-1].strip()
             raise ImageError(422, f"the image could not be decoded (corrupt or truncated?): {detail}") from None

@@ -130,16 +130,25 @@ def test_decode_slots_go_to_clients_in_turn():
     assert order.index("b") == 2 and order.count("a") == 6 and "c" not in order, order
 
 
-def test_a_cancelled_decoding_keeps_its_slot_until_its_thread_ends():
-    """One slot: A decoding (a thread), B waiting, C after them; A and B cancelled. B never
-    runs; C starts only once A's thread has ended (a thread cannot be stopped)."""
+def _decodings(seconds: dict):
+    """A fake decoding for `FairSlots.run_in_thread`: `decode(name)` holds its thread for
+    `seconds[name]` and answers `name`; `runs` logs [name, start, end] in the order they start."""
     runs = []
 
     def decode(name):
-        runs.append([name, time.perf_counter(), None])
-        time.sleep(0.2)
-        runs[-1][2] = time.perf_counter()
+        run = [name, time.perf_counter(), None]
+        runs.append(run)
+        time.sleep(seconds[name])
+        run[2] = time.perf_counter()
         return name
+
+    return decode, runs
+
+
+def test_a_cancelled_decoding_keeps_its_slot_until_its_thread_ends():
+    """One slot: A decoding (a thread), B waiting, C after them; A and B cancelled. B never
+    runs; C starts only once A's thread has ended (a thread cannot be stopped)."""
+    decode, runs = _decodings({"A": 0.2, "B": 0.2, "C": 0.2})
 
     async def main():
         slots = serving.FairSlots(1)
@@ -164,12 +173,7 @@ def test_a_cancelled_decoding_keeps_its_slot_until_its_thread_ends():
 def test_a_small_photo_never_waits_for_a_large_one(quick_pixels):
     """One shared decode slot, held by a large photo (a 0.3 s thread): a small photo from
     another client decodes at once in the quick slot; without it (0), after the large one."""
-    runs = []
-
-    def decode(name):
-        runs.append((name, "start", time.perf_counter()))
-        time.sleep(0.3 if name == "large" else 0.01)
-        runs.append((name, "end", time.perf_counter()))
+    decode, runs = _decodings({"large": 0.3, "small": 0.01})
 
     async def main():
         slots = serving.DecodeSlots(1, quick_pixels)
@@ -179,9 +183,8 @@ def test_a_small_photo_never_waits_for_a_large_one(quick_pixels):
         await large
 
     asyncio.run(main())
-    order = [(name, event) for name, event, _ in sorted(runs, key=lambda run: run[2])]
-    small_first = order.index(("small", "end")) < order.index(("large", "end"))
-    assert small_first == bool(quick_pixels), order
+    (_, _, large_end), (_, _, small_end) = runs
+    assert (small_end < large_end) == bool(quick_pixels), runs
 
 
 def test_serve_arguments_are_checked(tiny_bundle_dir, capsys):

@@ -189,15 +189,21 @@ async def _gradio_photo(target: Target, wait_s: float) -> dict:
     return case_result([status], bodies, statuses, problem)
 
 
-async def send_probe(target: Target) -> tuple[int, float]:
-    """The real photo to /predict: its status and seconds."""
-    request = upload_request([("file", "photo.jpg", target.photo)], content_type="image/jpeg")["http"]
+async def _send_photo(client, photo: bytes, timeout_s: float) -> tuple[int, float]:
+    """`photo` uploaded to /predict: its status (`NO_ANSWER` if the client gave up after
+    `timeout_s`) and seconds."""
+    request = upload_request([("file", "photo.jpg", photo)], content_type="image/jpeg")["http"]
     started = time.perf_counter()
     try:
-        status, _ = await asyncio.wait_for(_send_http(target.client, request), target.probe_timeout_s)
+        status, _ = await asyncio.wait_for(_send_http(client, request), timeout_s)
     except asyncio.TimeoutError:
         status = NO_ANSWER
     return status, round(time.perf_counter() - started, 3)
+
+
+async def send_probe(target: Target) -> tuple[int, float]:
+    """The real photo to /predict: its status and seconds."""
+    return await _send_photo(target.client, target.photo, target.probe_timeout_s)
 
 
 async def _slow_client(target: Target, source: str, started: float, wait_s: float, head: bytes,
@@ -326,17 +332,6 @@ async def _upload_series(target: Target, total_mb: int) -> dict:
     return case_result(statuses, problem=problem)
 
 
-async def _post_photo(client, photo: bytes, timeout_s: float) -> int:
-    """`photo` to /predict: its status, or `NO_ANSWER` once the client gives up after `timeout_s`."""
-    import httpx
-
-    try:
-        answer = await client.post(PREDICT, content=photo, headers={"content-type": "image/jpeg"}, timeout=timeout_s)
-    except httpx.TimeoutException:
-        return NO_ANSWER
-    return answer.status_code
-
-
 async def _decode_queue(target: Target, in_flight: int, seconds: float, abandoned_rounds: int,
                         probe_bound_s: float) -> dict:
     """One client keeps `in_flight` large photos (each a fraction of a second to decode) in
@@ -348,13 +343,13 @@ async def _decode_queue(target: Target, in_flight: int, seconds: float, abandone
     photo = large_progressive_photo(target.photo)
     limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=0)
     transport = httpx.AsyncHTTPTransport(local_address=DECODE_QUEUE_SOURCE, limits=limits)
-    async with httpx.AsyncClient(base_url=target.url, transport=transport) as client:
+    async with httpx.AsyncClient(base_url=target.url, transport=transport, timeout=None) as client:
         stop = time.perf_counter() + seconds
 
         async def keep_sending() -> list[int]:
             statuses = []
             while time.perf_counter() < stop:
-                statuses.append(await _post_photo(client, photo, 120))
+                statuses.append((await _send_photo(client, photo, 120))[0])
             return statuses
 
         senders = [asyncio.ensure_future(keep_sending()) for _ in range(in_flight)]
@@ -362,11 +357,9 @@ async def _decode_queue(target: Target, in_flight: int, seconds: float, abandone
         probe_status, probe_seconds = await send_probe(target)
         statuses = [status for sender in await asyncio.gather(*senders) for status in sender]
         for _ in range(abandoned_rounds):
-            await asyncio.gather(*(_post_photo(client, photo, ABANDON_AFTER_S) for _ in range(in_flight)))
+            await asyncio.gather(*(_send_photo(client, photo, ABANDON_AFTER_S) for _ in range(in_flight)))
         await asyncio.sleep(ABANDON_AFTER_S)  # for the guard to count the abandoned ones out
-        started = time.perf_counter()
-        own_status = await _post_photo(client, target.photo, target.probe_timeout_s)
-        own_seconds = round(time.perf_counter() - started, 3)
+        own_status, own_seconds = await _send_photo(client, target.photo, target.probe_timeout_s)
     problems = []
     if probe_status != 200 or probe_seconds > probe_bound_s:
         problems.append(f"a photo sent while one client kept {in_flight} large photos in flight got {probe_status} "
