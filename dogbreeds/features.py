@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from dogbreeds import data, models
+from dogbreeds import console, data, models
 from dogbreeds.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -94,9 +94,14 @@ def extract_features(split: data.Split, backbone: str, weights, image_size: int,
     if not len(split):
         raise ValueError(f"the {split.name} split has no photos")
 
-    # `progress` below reports; Ray Data's own bars (and its notice that they are off) are noise.
+    # `progress` below reports; Ray Data's own bars (and its notice that they are off) are noise,
+    # and so are its execution plans, which its console handler prints at INFO (its log file
+    # under the Ray session keeps them): only with --verbose.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(console.log_level())
     count, per_photo = len(split), max(views, 1)
     blocks = [{"start": start, "stop": min(start + block_photos, count)} for start in range(0, count, block_photos)]
     dataset = (

@@ -94,6 +94,7 @@ def test_the_quick_start_prints_its_stages_trials_and_table_on_a_screen_or_two(q
     lines = printed.splitlines()
     assert len(lines) <= 150, printed
     assert not [line for line in lines if "TrainingReport(" in line or "Checkpoint successfully created" in line]
+    assert not [line for line in lines if "INFO streaming_executor" in line], printed  # Ray Data's plans
     for stage in ("cnn3v2", "head", "fine_tune", "ladder", "export"):
         assert re.search(rf"^stage {stage}: started$", printed, re.M), stage
         assert re.search(rf"^stage {stage}: \d+ s; peak memory", printed, re.M), stage
