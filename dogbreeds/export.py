@@ -187,7 +187,7 @@ class Bundle:
             except Exception:  # noqa: BLE001 - what Pillow cannot read, the decode op judges
                 header = {"format": None, "width": 0, "height": 0, "animated": False}
         if header["animated"]:
-            encoded, header = first_frame(encoded), {**header, "format": "BMP"}
+            encoded, scale = first_frame(encoded), 0  # a BMP: no JPEG to decode at a fraction
         if scale is None:
             scale = data.jpeg_scale(header["format"], min(header["width"], header["height"]), self.image_size)
         return self._prepare_graph(encoded, scale).numpy()

@@ -183,6 +183,15 @@ def test_pipeline_applies_image_size_and_options_to_every_search():
     given = pipeline.resolve_stages("quick", data={"image_size": 96}, search={"trials": 1})
     assert [stage[0].image_size for stage in given.values()] == [96, 96, 96]
     assert [stage[2].trials for stage in given.values()] == [1, 1, 1]
+    # Fine-tuning's own data values in a profile (the cpu profile's zoom-out) over the head's,
+    # the caller's over both.
+    cpu, profile = pipeline.resolve_stages("cpu"), pipeline.PROFILES["cpu"]
+    assert [cpu[stage][0].zoom_out for stage in pipeline.STAGES] == [profile[stage][0]["zoom_out"] for stage in pipeline.STAGES]
+    assert cpu["fine_tune"][0].zoom_out != cpu["head"][0].zoom_out
+    given = pipeline.resolve_stages("cpu", data={"zoom_out": 0.2})
+    assert [stage[0].zoom_out for stage in given.values()] == [0.2, 0.2, 0.2]
+    given = pipeline.resolve_stages("cpu", data={"zoom_out": 0.2}, stages={"fine_tune": {"data": {"zoom_out": 0.3}}})
+    assert [stage[0].zoom_out for stage in given.values()] == [0.2, 0.2, 0.3]
 
 
 def test_pipeline_options_set_every_search_and_set_one():

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 
@@ -152,6 +153,23 @@ def test_most_photos_that_are_not_dogs_are_flagged_and_test_dogs_are_kept(rates)
     assert rates["not_dogs"]["not_dogs_64"]["not_a_dog_rate"] >= NOT_DOGS_64_BOUND
     assert rates["dogs"]["test"]["kept"] >= 0.95
     assert rates["dogs"]["validation"]["kept"] >= novelty.KEEP_QUANTILE
+
+
+@pytest.mark.slow
+def test_validation_is_also_scored_shrunk_to_a_whole_photos_scale(bundle, rates):
+    """`validation_shrunk`: the validation crops, each shrunk to `WHOLE_PHOTO_SCALE` of its side
+    in the middle of its mirrored edges, where augmentation for whole photos is chosen."""
+    config = from_dict(DataConfig, bundle.info["config"]["data"])
+    images, labels, _ = data.load_images(data.load_index(config).splits["validation"], bundle.image_size, config)
+    shrunk = bench.shrink(images, bench.WHOLE_PHOTO_SCALE)
+    size, margin = bundle.image_size, round(bundle.image_size * (1 - bench.WHOLE_PHOTO_SCALE) / 2)
+    assert shrunk.shape == images.shape and not np.array_equal(shrunk, images)
+    middle = cv2.resize(images[0], (size - 2 * margin,) * 2, interpolation=cv2.INTER_AREA)
+    assert np.abs(shrunk[0, margin:size - margin, margin:size - margin].astype(int) - middle).mean() < 8
+    found, crops = rates["dogs"]["validation_shrunk"], rates["dogs"]["validation"]
+    assert found["photos"] == crops["photos"] == len(images)
+    top1 = float(np.mean(bundle.predict_arrays(shrunk).argmax(axis=1) == labels))
+    assert found["top1"] == pytest.approx(top1) and found["top1"] != crops["top1"]
 
 
 @pytest.mark.slow

@@ -221,7 +221,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
     each breed, one epoch, one trial. Every stage runs at the profile's sizes and leaves what
     the full run leaves: the table, each stage's time and peak memory, a 120-breed bundle at
     224 px, the report's error analysis."""
-    from dogbreeds import commands
+    from dogbreeds import commands, pipeline
     from dogbreeds.export import load_bundle
     from tests.conftest import DOGS_224_DIR
 
@@ -242,7 +242,9 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
     assert summary["profile"] == "cpu" and summary["settings"]["ladder"] == ["cnn1", "cnn3", "cnn3v2"]
     assert stages["head"]["data"]["image_size"] == stages["fine_tune"]["data"]["image_size"] == 224
     assert stages["head"]["train"]["model"] == stages["fine_tune"]["train"]["model"] == "mobilenet_025"
-    assert stages["head"]["data"]["zoom_out"] == stages["fine_tune"]["data"]["zoom_out"]
+    profile = pipeline.PROFILES["cpu"]
+    assert [stages[stage]["data"]["zoom_out"] for stage in pipeline.STAGES] == [
+        profile[stage][0]["zoom_out"] for stage in pipeline.STAGES]
     table = {row["name"]: row for row in summary["table"]}
     assert list(table) == ["cnn1 (ladder)", "cnn3 (ladder)", "cnn3v2 (ladder)", "cnn3v2", "head", "fine_tune"]
     assert all(row["epochs"] == 1 and 0 <= row["test_top1"] <= 1 for row in table.values())
