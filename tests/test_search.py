@@ -57,6 +57,19 @@ def test_space_file_parses_and_samples(path):
         assert set(train_overrides) <= {"learning_rate", "label_smoothing", "fine_tune_fraction"}
 
 
+def test_fine_tuning_takes_the_heads_values_but_not_over_the_callers():
+    """The head search's best trial gives fine-tuning its head and its label smoothing, not
+    its learning rate; a label smoothing the caller set (`--label-smoothing 0.1`) stays."""
+    from dogbreeds.search.fine_tune import from_head
+
+    head = {"dropout_rate": 0.3, "hidden_layer": False, "learning_rate": 7e-4, "label_smoothing": 0.1}
+    config = from_head(TrainConfig(learning_rate=3e-5, epochs=8), "mobilenet_025", head)
+    assert config.hparams == {"dropout_rate": 0.3, "hidden_layer": False}
+    assert (config.label_smoothing, config.learning_rate, config.epochs) == (0.1, 3e-5, 8)
+    mine = from_head(TrainConfig(label_smoothing=0.2), "mobilenet_025", head)
+    assert mine.label_smoothing == 0.2 and mine.hparams == config.hparams
+
+
 @pytest.mark.parametrize("name, child, parent", [("transfer_head", "hidden_units", "hidden_layer"),
                                                  ("cnn3v2", "dropout_rate", "dropout_1")])
 def test_a_conditional_hyperparameter_is_sampled_only_when_its_parent_allows(name, child, parent):

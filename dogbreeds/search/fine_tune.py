@@ -23,6 +23,17 @@ SPLIT_FIELDS = ("data_dir", "tfds_dir", "validation_fraction", "test_fraction", 
                 "subset_fraction", "seed")
 
 
+def from_head(train_config: TrainConfig, backbone: str, head_values: dict) -> TrainConfig:
+    """`train_config` with the head's hyperparameters and its training values (its label
+    smoothing) from the head search's best trial, `head_values`; not its learning rate
+    (fine-tuning has its own), nor a training value the caller changed from its default."""
+    hparams, overrides = split_values(backbone, head_values)
+    defaults = TrainConfig()
+    overrides = {key: value for key, value in overrides.items()
+                 if key != "learning_rate" and getattr(train_config, key) == getattr(defaults, key)}
+    return dataclasses.replace(train_config, **overrides, hparams=hparams)
+
+
 @register_search(
     "fine_tune", default_space="fine_tune", model_from="head_search",
     description="fine-tuning of a head search's best head and the top of its backbone, on Ray Train",
@@ -48,10 +59,8 @@ def search_fine_tune(
     head = runs.read_json(os.path.join(head_search, runs.SEARCH_CONFIG))
     head_best = runs.read_json(os.path.join(head_search, runs.BEST))
     backbone = head["train"]["model"]
-    head_hparams, overrides = split_values(backbone, head_best["hparams"])
-    overrides.pop("learning_rate", None)  # the head's; fine-tuning has its own
     train_config = dataclasses.replace(
-        train_config, **overrides, model=backbone, weights=head["train"]["weights"], hparams=head_hparams,
+        from_head(train_config, backbone, head_best["hparams"]), model=backbone, weights=head["train"]["weights"],
         head_weights=os.path.join(runs.trial_dir(head_search, head_best["trial_id"]), runs.HEAD_WEIGHTS),
         keep_best_by=space.metric,  # the trial's model, tested as final/, is the epoch it was scored by
     )
