@@ -131,16 +131,16 @@ def test_the_bundle_holds_its_reference_and_threshold(bundle_dir, bundle):
     assert info["validation_kept"] >= novelty.KEEP_QUANTILE
 
 
-def _validation_images(bundle) -> np.ndarray:
-    """The bundle's validation split, rebuilt from the configuration it records."""
+def _validation(bundle) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's validation split (images, labels), rebuilt from the configuration it records."""
     config = from_dict(DataConfig, bundle.info["config"]["data"])
     split = data.load_index(config).splits["validation"]
-    return data.load_images(split, bundle.image_size, config)[0]
+    return data.load_images(split, bundle.image_size, config)[:2]
 
 
 @pytest.mark.slow
 def test_validation_dogs_are_kept_as_calibrated(bundle):
-    images = _validation_images(bundle)
+    images, _ = _validation(bundle)
     probabilities, scores = bundle.predict_with_novelty(images)
     assert np.mean(scores <= bundle.novelty_info["threshold"]) >= novelty.KEEP_QUANTILE
     # One forward pass gives the probabilities `predict` gives.
@@ -159,8 +159,7 @@ def test_most_photos_that_are_not_dogs_are_flagged_and_test_dogs_are_kept(rates)
 def test_validation_is_also_scored_shrunk_to_a_whole_photos_scale(bundle, rates):
     """`validation_shrunk`: the validation crops, each shrunk to `WHOLE_PHOTO_SCALE` of its side
     in the middle of its mirrored edges, where augmentation for whole photos is chosen."""
-    config = from_dict(DataConfig, bundle.info["config"]["data"])
-    images, labels, _ = data.load_images(data.load_index(config).splits["validation"], bundle.image_size, config)
+    images, labels = _validation(bundle)
     shrunk = bench.shrink(images, bench.WHOLE_PHOTO_SCALE)
     size, margin = bundle.image_size, round(bundle.image_size * (1 - bench.WHOLE_PHOTO_SCALE) / 2)
     assert shrunk.shape == images.shape and not np.array_equal(shrunk, images)
@@ -206,7 +205,7 @@ def test_a_cnn3v2_bundle_gets_verdicts_too(cnn3v2_bundle_dir):
     cnn3v2 = load_bundle(cnn3v2_bundle_dir)
     info = _check_novelty_files(cnn3v2_bundle_dir, "predictions", len(cnn3v2.class_names))
     assert info["feature_dim"] == 128  # the input of the final Dense layer
-    images = np.concatenate([_validation_images(cnn3v2), bench.folder_images(cnn3v2, str(NOT_DOGS_DIR))])
+    images = np.concatenate([_validation(cnn3v2)[0], bench.folder_images(cnn3v2, str(NOT_DOGS_DIR))])
     probabilities, scores = cnn3v2.predict_with_novelty(images)
     assert probabilities.shape == (len(images), 6) and scores.shape == (len(images),)
     assert np.mean(scores[:-10] <= info["threshold"]) >= novelty.KEEP_QUANTILE
