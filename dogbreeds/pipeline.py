@@ -146,22 +146,22 @@ def resolve_stages(profile: str, data: dict | None = None, train: dict | None = 
     unknown = set(stages or {}) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage {sorted(unknown)[0]!r}; the pipeline's stages: {', '.join(STAGES)}")
-    resolved = {}
+    resolved, data_values = {}, {}
     for stage, (data_overrides, train_overrides, search_overrides) in PROFILES[profile].items():
         own = (stages or {}).get(stage, {})
+        data_values[stage] = {**data_overrides, **(data or {}), **own.get("data", {})}
         resolved[stage] = (
-            DataConfig(**{**data_overrides, **(data or {}), **own.get("data", {})}),
+            DataConfig(**data_values[stage]),
             TrainConfig(**{**train_overrides, **(train or {}), **own.get("train", {})}),
             SearchConfig(**{**search_overrides, **(search or {}), **own.get("search", {})}),
         )
     head_data, head_train, _ = resolved["head"]  # what fine-tuning starts from
     _, fine_train, fine_search = resolved["fine_tune"]
-    fine_data = {**PROFILES[profile]["fine_tune"][0], **(data or {}), **(stages or {}).get("fine_tune", {}).get("data", {})}
     resolved["fine_tune"] = (
         # The head search's photos and split (both validated on the same photos, none of the
         # head's training photos among fine-tuning's), at its size, a new view every epoch;
         # the profile's data values for fine-tuning (its zoom-out), the caller's over them.
-        dataclasses.replace(head_data, **{**fine_data, "image_size": head_data.image_size, "augmented_views": 0}),
+        dataclasses.replace(head_data, **{**data_values["fine_tune"], "image_size": head_data.image_size, "augmented_views": 0}),
         dataclasses.replace(fine_train, model=head_train.model, weights=head_train.weights),
         fine_search,
     )
