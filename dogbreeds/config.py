@@ -61,6 +61,11 @@ class DataConfig:
     # its side, at a random place, the rest its own edges mirrored; 0 turns it off. Box crops
     # (the dog fills the frame) then look like whole photos (a smaller dog, off centre).
     zoom_out: float = 0.0
+    # Test-time flip: a trained model's answer for a photo is the mean of its answers for the
+    # photo and its mirror image, in evaluation (validation and test), the not-a-dog check and
+    # the bundle (serving), for twice the inference compute. On the cpu profile's fine-tuned
+    # model: test top-1 0.587 against 0.574, whole photos 0.542 against 0.528.
+    test_time_flip: bool = False
     # The study's offline augmentation: this many augmented views of each train image
     # (it used 9). 0 augments on the fly instead, a fresh view every epoch.
     augmented_views: int = 0

@@ -56,9 +56,33 @@ def evaluate_predictions(probabilities: np.ndarray, labels: np.ndarray, class_na
     return metrics, confusions
 
 
-def evaluate_model(model, images: np.ndarray, labels: np.ndarray, class_names, batch_size=64):
+def predict_in_batches(predict_batch, images: np.ndarray, test_time_flip: bool = False, batch_size: int = 64):
+    """`predict_batch`'s outputs (an array, or a list of arrays, a row per image) for uint8
+    images [N, S, S, 3], `batch_size` of them at a time as float32. With `test_time_flip` each
+    batch goes in with its mirror images, in one call, and each output row is the mean of the
+    photo's and its mirror's (`DataConfig.test_time_flip`). The one place a model sees photos
+    after training: final evaluation, the not-a-dog check's calibration and the bundle."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start:start + batch_size], np.float32)
+        if test_time_flip:
+            batch = np.concatenate([batch, batch[:, :, ::-1]])  # [N, H, W, C]: W mirrored
+        result = predict_batch(batch)
+        result = [np.asarray(item) for item in (result if isinstance(result, (list, tuple)) else [result])]
+        if test_time_flip:
+            half = len(batch) // 2
+            result = [(item[:half] + item[half:]) / 2 for item in result]
+        outputs.append(result)
+    if not outputs:
+        raise ValueError("no images to predict")
+    joined = [np.concatenate(parts) for parts in zip(*outputs)]
+    return joined if len(joined) > 1 else joined[0]
+
+
+def evaluate_model(model, images: np.ndarray, labels: np.ndarray, class_names, batch_size=64,
+                   test_time_flip: bool = False):
     """`evaluate_predictions` of a Keras model on uint8 images [N, S, S, 3]."""
-    probabilities = model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
+    probabilities = predict_in_batches(model.predict_on_batch, images, test_time_flip, batch_size)
     return evaluate_predictions(probabilities, labels, class_names)
 
 

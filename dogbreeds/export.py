@@ -38,7 +38,7 @@ import zipfile
 
 import numpy as np
 
-from dogbreeds import models, novelty, runs
+from dogbreeds import evaluate, models, novelty, runs
 
 # 2: bundle.json records the sha256 of every file (`files`), checked before anything loads.
 BUNDLE_FORMAT = 2
@@ -101,6 +101,7 @@ def export_bundle(run_dir: str, bundle_dir: str, name: str | None = None) -> dic
                 "image_size": metrics["image_size"],
                 "input": "RGB uint8 pixels as float32 in [0, 255]; the model scales them itself",
                 "scaling": spec.scaling,
+                "test_time_flip": bool(config.get("data", {}).get("test_time_flip", False)),
             },
             "metrics": {key: metrics[key] for key in ("test", "validation") if key in metrics},
             "config": config,
@@ -192,9 +193,16 @@ class Bundle:
             scale = data.jpeg_scale(header["format"], min(header["width"], header["height"]), self.image_size)
         return self._prepare_graph(encoded, scale).numpy()
 
+    @property
+    def test_time_flip(self) -> bool:
+        """Whether an answer is the mean of the photo's and its mirror image's, as the run's
+        final evaluation and the not-a-dog check's calibration were (`DataConfig.test_time_flip`)."""
+        return self.info["preprocessing"].get("test_time_flip", False)
+
     def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities [N, classes] for prepared uint8 images [N, S, S, 3]."""
-        return self.model.predict_on_batch(images.astype(np.float32))
+        """Probabilities [N, classes] for prepared uint8 images [N, S, S, 3], in one call."""
+        return evaluate.predict_in_batches(self.model.predict_on_batch, images, self.test_time_flip,
+                                           batch_size=max(len(images), 1))
 
     def predict(self, encoded_images: list[bytes]) -> np.ndarray:
         """Probabilities [N, classes] for encoded photos."""
@@ -219,10 +227,11 @@ class Bundle:
     def predict_with_novelty(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities [N, classes], novelty scores [N]) for prepared uint8 images
         [N, S, S, 3], in one forward pass; the scores are NaN for a bundle without the check."""
-        probabilities, features = self._novelty_graph(np.asarray(images, np.float32))
+        probabilities, features = evaluate.predict_in_batches(self._novelty_graph, images, self.test_time_flip,
+                                                              batch_size=max(len(images), 1))
         if self.reference is None:
-            return probabilities.numpy(), np.full(len(images), np.nan, np.float32)
-        return probabilities.numpy(), novelty.novelty_scores(features.numpy(), self.reference)
+            return probabilities, np.full(len(images), np.nan, np.float32)
+        return probabilities, novelty.novelty_scores(features, self.reference)
 
     def verdicts(self, probabilities: np.ndarray, scores: np.ndarray,
                  confidence_threshold: float = novelty.CONFIDENCE_THRESHOLD) -> np.ndarray:
@@ -320,6 +329,8 @@ def read_bundle_info(bundle_dir: str) -> dict:
             and models.MIN_IMAGE_SIZE <= preprocessing["image_size"] <= models.MAX_IMAGE_SIZE
             and preprocessing.get("chain") == models.input_chain(preprocessing["image_size"])):
         fail("preprocessing is not `decode|resize(S)` with S the image size")
+    if not isinstance(preprocessing.get("test_time_flip", False), bool):
+        fail("preprocessing's test_time_flip is not true or false")
     files = info.get("files")
     if not isinstance(files, dict) or MODEL_FILE not in files:
         fail(f"{INFO_FILE} lists no files with their sha256")

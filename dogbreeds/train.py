@@ -291,7 +291,8 @@ def _evaluate_final(model, data_config: DataConfig, train_config: TrainConfig,
     test split unless a search trial (the test split is for final models only)."""
     index, image_size = worker_data.index, worker_data.image_size
     images, labels, _ = data.load_images(index.splits["validation"], image_size, data_config)
-    val_metrics, confusions = evaluate.evaluate_model(model, images, labels, index.class_names)
+    flip = data_config.test_time_flip
+    val_metrics, confusions = evaluate.evaluate_model(model, images, labels, index.class_names, test_time_flip=flip)
     metrics = {
         "model": train_config.model,
         "image_size": image_size,
@@ -302,7 +303,7 @@ def _evaluate_final(model, data_config: DataConfig, train_config: TrainConfig,
     test_skipped = []
     if evaluate_test:
         images, labels, test_skipped = data.load_images(index.splits["test"], image_size, data_config)
-        metrics["test"], confusions = evaluate.evaluate_model(model, images, labels, index.class_names)
+        metrics["test"], confusions = evaluate.evaluate_model(model, images, labels, index.class_names, test_time_flip=flip)
     skipped = index.skipped + worker_data.skipped + test_skipped
     metrics["skipped"] = [list(item) for item in skipped]
     return metrics, confusions

@@ -36,3 +36,38 @@ def test_top5_misses_when_the_label_is_sixth():
     probabilities = np.array([[0.3, 0.25, 0.2, 0.15, 0.06, 0.04]])
     metrics, _ = evaluate.evaluate_predictions(probabilities, np.array([5]), NAMES)
     assert metrics["top5"] == 0.0 and metrics["top1"] == 0.0
+
+
+def _asymmetric_model(outputs: int = 1):
+    """A real tf_keras model that tells a photo from its mirror image (a dense layer on the
+    pixels), with one output or two (probabilities and features, as novelty's feature model)."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    features = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    probabilities = keras.layers.Dense(4, activation="softmax", name="predictions")(features)
+    return keras.Model(inputs, [probabilities, features] if outputs == 2 else probabilities)
+
+
+def test_test_time_flip_answers_a_photo_and_its_mirror_image_alike():
+    model = _asymmetric_model()
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    mirrored = images[:, :, ::-1]
+
+    def predict(photos, flip=False, batch_size=64):
+        return evaluate.predict_in_batches(model.predict_on_batch, photos, flip, batch_size)
+
+    plain, plain_mirrored = predict(images), predict(mirrored)
+    assert plain.shape == (5, 4) and not np.allclose(plain, plain_mirrored, atol=1e-3)
+    # Batches of 2 and of 3 (a batch and its mirror go in together): the same mean.
+    flipped = predict(images, True, batch_size=2)
+    np.testing.assert_allclose(flipped, (plain + plain_mirrored) / 2, atol=1e-6)
+    np.testing.assert_allclose(flipped, predict(mirrored, True, batch_size=3), atol=1e-6)
+    probabilities, features = evaluate.predict_in_batches(_asymmetric_model(2).predict_on_batch, images, True)
+    np.testing.assert_allclose(features, (images / 255 + mirrored / 255).reshape(5, -1) / 2, atol=1e-6)
+    assert probabilities.shape == (5, 4)
+    # Evaluation with the flip scores its answers right, where the photo's alone differ (2 of 5).
+    labels = np.argmax(flipped, axis=1)
+    assert evaluate.evaluate_model(model, images, labels, NAMES[:4], test_time_flip=True)[0]["top1"] == 1.0
+    assert evaluate.evaluate_model(model, images, labels, NAMES[:4])[0]["top1"] < 1.0

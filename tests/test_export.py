@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 
 from dogbreeds import export
@@ -31,6 +32,10 @@ def bundle_dir(tiny_bundle_dir):
     return tiny_bundle_dir
 
 
+def _info(bundle_dir) -> dict:
+    return json.loads((bundle_dir / "bundle.json").read_text())
+
+
 def _rewrite_info(bundle_dir, **changes):
     """bundle.json as an attacker who can write the bundle would leave it: digests agreeing."""
     info = json.loads((bundle_dir / "bundle.json").read_text())
@@ -47,6 +52,34 @@ def test_an_exported_bundle_loads_and_records_its_digests(bundle_dir):
     assert bundle.model.output_shape == (None, 2)
     # Nothing but the bundle is left beside it: no temporary or old directories.
     assert sorted(os.listdir(bundle_dir.parent)) == ["bundle", "run"]
+
+
+def test_a_bundle_flips_at_test_time_as_its_run_was_evaluated(tmp_path):
+    """`test_time_flip` in bundle.json's preprocessing (export copies the run's): the bundle's
+    answers, with the not-a-dog check's forward pass or without, are the same for a photo and
+    its mirror image: the mean of the model's two answers."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))  # tells left from right
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="predictions")(x))
+    run = tiny_run_dir(tmp_path / "run", model)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    mirrored = images[:, :, ::-1]
+    export.export_bundle(run, str(tmp_path / "plain"))
+    plain = export.load_bundle(str(tmp_path / "plain"))
+    assert plain.test_time_flip is False
+    assert not np.allclose(plain.predict_arrays(images), plain.predict_arrays(mirrored), atol=1e-3)
+    shutil.copytree(tmp_path / "plain", tmp_path / "flip")  # as a run with the flip exports it
+    _rewrite_info(tmp_path / "flip", preprocessing={**_info(tmp_path / "flip")["preprocessing"], "test_time_flip": True})
+    flip = export.load_bundle(str(tmp_path / "flip"))
+    assert flip.test_time_flip is True
+    np.testing.assert_allclose(flip.predict_arrays(images), flip.predict_arrays(mirrored), atol=1e-6)
+    np.testing.assert_allclose(flip.predict_arrays(images),
+                               (plain.predict_arrays(images) + plain.predict_arrays(mirrored)) / 2, atol=1e-6)
+    probabilities, _ = flip.predict_with_novelty(images)
+    np.testing.assert_allclose(probabilities, flip.predict_arrays(mirrored), atol=1e-6)
 
 
 def test_export_replaces_a_bundle_whole_or_not_at_all(bundle_dir, tmp_path):
@@ -78,6 +111,7 @@ def test_a_changed_model_file_is_refused_before_loading(bundle_dir):
     (lambda d: _rewrite_info(d, preprocessing={"chain": "decode|resize(16)|rotate(0.5)", "image_size": 16}),
      "preprocessing"),
     (lambda d: _rewrite_info(d, class_names=["a", "b", "c"]), "gives .* 3 breeds"),
+    (lambda d: _rewrite_info(d, preprocessing={**_info(d)["preprocessing"], "test_time_flip": "yes"}), "test_time_flip"),
     (lambda d: (d / "model.keras").unlink(), "missing"),
 ])
 def test_an_inconsistent_bundle_is_a_one_line_error(bundle_dir, change, reason):

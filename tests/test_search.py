@@ -535,6 +535,8 @@ def test_feature_job_streams_blocks_into_the_views_training_sees(ray_cluster, ca
     """The feature job (blocks of 4 photos, 2 actors) gives the backbone's features of exactly
     the fixed views `make_dataset` trains on end to end, each with its photo's label; a photo
     that does not decode is skipped and counted, and a split of which none decodes is an error."""
+    import ray
+
     from dogbreeds import data
     from dogbreeds.features import extract_features
 
@@ -548,6 +550,8 @@ def test_feature_job_streams_blocks_into_the_views_training_sees(ray_cluster, ca
     backbone = models.build_backbone("mobilenet_025", 32, weights)
     expected = backbone.predict_on_batch(views[0])
     assert features.shape == expected.shape == (20, expected.shape[1]) and skipped == []
+    # Ray Data's warning, every 30 s, that a feature actor requests no memory is off.
+    assert ray.data.DataContext.get_current().issue_detectors_config.high_memory_detector_config.detection_time_interval_s == -1
     # make_dataset shuffles: match each of its views to the job's nearest feature row.
     distances = np.abs(expected[:, None, :] - features[None, :, :]).max(axis=2)
     nearest = distances.argmin(axis=1)

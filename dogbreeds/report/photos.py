@@ -63,7 +63,7 @@ def predict_samples(training: TrainingRun) -> tuple[list[dict], int]:
     import tensorflow as tf
     import tf_keras as keras
 
-    from dogbreeds import data
+    from dogbreeds import data, evaluate
     from dogbreeds.config import DataConfig, from_dict
 
     data_config = from_dict(DataConfig, training.config["data"])
@@ -83,7 +83,7 @@ def predict_samples(training: TrainingRun) -> tuple[list[dict], int]:
     if not images:
         return [], 0
     model = keras.models.load_model(os.path.join(training.directory, runs.MODEL), compile=False)
-    probabilities = model.predict(np.stack(images).astype(np.float32), verbose=0)
+    probabilities = evaluate.predict_in_batches(model.predict_on_batch, np.stack(images), data_config.test_time_flip)
     names = training.metrics["class_names"]
     samples = []
     for position, row in zip(kept, probabilities):

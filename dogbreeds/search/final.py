@@ -45,7 +45,8 @@ def evaluate_final(output, model, trial_dir, index, data_config, train_config, i
     skipped = list(index.skipped)
     for split in ("validation", "test"):
         images, labels, split_skipped = data.load_images(index.splits[split], image_size, data_config)
-        metrics[split], confusions = evaluate.evaluate_model(model, images, labels, index.class_names)
+        metrics[split], confusions = evaluate.evaluate_model(
+            model, images, labels, index.class_names, test_time_flip=data_config.test_time_flip)
         skipped += split_skipped
     metrics["skipped"] = [list(item) for item in skipped]
     config = {"data": to_dict(data_config), "train": to_dict(train_config), "versions": versions()}
