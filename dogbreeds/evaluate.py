@@ -63,7 +63,7 @@ def predict_in_batches(predict_batch, images: np.ndarray, test_time_flip: bool =
     photo's and its mirror's (`DataConfig.test_time_flip`). The one place a model sees photos
     after training: final evaluation, the not-a-dog check's calibration and the bundle."""
     outputs = []
-    for start in range(0, len(images), batch_size):
+    for start in range(0, max(len(images), 1), batch_size):  # no images: one empty call
         batch = np.asarray(images[start:start + batch_size], np.float32)
         if test_time_flip:
             batch = np.concatenate([batch, batch[:, :, ::-1]])  # [N, H, W, C]: W mirrored
@@ -73,8 +73,6 @@ def predict_in_batches(predict_batch, images: np.ndarray, test_time_flip: bool =
             half = len(batch) // 2
             result = [(item[:half] + item[half:]) / 2 for item in result]
         outputs.append(result)
-    if not outputs:
-        raise ValueError("no images to predict")
     joined = [np.concatenate(parts) for parts in zip(*outputs)]
     return joined if len(joined) > 1 else joined[0]
 
