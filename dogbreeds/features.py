@@ -99,9 +99,9 @@ def extract_features(split: data.Split, backbone: str, weights, image_size: int,
     # under the Ray session keeps them): only with --verbose.
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    # Its high-memory check warns every 30 s that a feature actor requests no memory (Xception's
-    # at 299 px holds 3.2 GB: 27 warnings in the full profile's head stage here); their number
-    # is `actors`, and the README gives their memory, measured.
+    # Its high-memory check warns every 30 s that a feature actor requests no memory
+    # (Xception's at 299 px holds 3.2 GB: 27 warnings in 20 minutes of the full profile's head
+    # stage); their number is `actors`, and the README gives their memory, measured.
     if not console.verbose():
         context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
