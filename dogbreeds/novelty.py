@@ -85,12 +85,6 @@ def build_feature_model(model, layer: str = PREDICTIONS_LAYER):
     return keras.Model(model.input, [model.output, feature_tensor(model, layer)], name=f"{model.name}_features")
 
 
-def extract(feature_model, images: np.ndarray, batch_size: int = BATCH_SIZE, test_time_flip: bool = False):
-    """(probabilities [N, C], features [N, D]) for prepared uint8 images [N, S, S, 3]; with
-    `test_time_flip`, each the mean of the photo's and its mirror image's."""
-    return tuple(predict_in_batches(feature_model.predict_on_batch, images, test_time_flip, batch_size))
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. Scores and verdicts, vectorised.
 
@@ -163,7 +157,8 @@ def calibrate(model, data_config, image_size: int, *, neighbours: int = NEIGHBOU
     train = index.splits["train"]
     chosen = train.take(reference_positions(train.labels, reference_per_class, data_config.seed))
     train_images, train_labels, _ = data.load_images(chosen, image_size, data_config)
-    _, train_features = extract(feature_model, train_images, batch_size, data_config.test_time_flip)
+    flip = data_config.test_time_flip  # features as the bundle computes them
+    _, train_features = predict_in_batches(feature_model.predict_on_batch, train_images, flip, batch_size)
     reference = {
         "features": normalize(train_features).astype(REFERENCE_DTYPE),
         "labels": train_labels.astype(np.int32),
@@ -171,7 +166,7 @@ def calibrate(model, data_config, image_size: int, *, neighbours: int = NEIGHBOU
     }
 
     validation_images, _, _ = data.load_images(index.splits["validation"], image_size, data_config)
-    _, validation_features = extract(feature_model, validation_images, batch_size, data_config.test_time_flip)
+    _, validation_features = predict_in_batches(feature_model.predict_on_batch, validation_images, flip, batch_size)
     scores = novelty_scores(validation_features, reference)
     # "higher": the threshold is a real validation score, so at least the quantile stays below.
     threshold = float(np.quantile(scores, keep_quantile, method="higher"))
