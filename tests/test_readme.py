@@ -268,6 +268,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
     profile = pipeline.PROFILES["cpu"]
     assert [stages[stage]["data"]["zoom_out"] for stage in pipeline.STAGES] == [
         profile[stage][0]["zoom_out"] for stage in pipeline.STAGES]
+    assert all(stages[stage]["data"]["test_time_flip"] for stage in pipeline.STAGES)
     table = {row["name"]: row for row in summary["table"]}
     assert list(table) == ["cnn1 (ladder)", "cnn3 (ladder)", "cnn3v2 (ladder)", "cnn3v2", "head", "fine_tune"]
     assert all(row["epochs"] == 1 and 0 <= row["test_top1"] <= 1 for row in table.values())
@@ -279,7 +280,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
             assert timing["peak_mb"]["largest_worker"] > 100 and timing["peak_mb"]["all"] >= timing["peak_mb"]["driver"]
         assert re.search(rf"^{stage}\s+{timing['seconds']:.0f}\s", printed, re.M), stage
     bundle = load_bundle(str(run / "bundle"))
-    assert len(bundle.class_names) == 120 and bundle.image_size == 224
+    assert len(bundle.class_names) == 120 and bundle.image_size == 224 and bundle.test_time_flip
     assert bundle.info["config"]["data"]["data_dir"] == str(cut)
     # The error analysis of every final model, the exported one's among them: accuracy per breed
     # (the worst breeds first) and the most confused pairs with photos of both breeds.
