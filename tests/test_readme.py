@@ -243,7 +243,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
     hour on 2 cores: a benchmark, not a test) as written, on a cut of its data: five photos of
     each breed, one epoch, one trial. Every stage runs at the profile's sizes and leaves what
     the full run leaves: the table, each stage's time and peak memory, a 120-breed bundle at
-    224 px, the report's error analysis."""
+    288 px, the report's error analysis."""
     from dogbreeds import commands, pipeline
     from dogbreeds.export import load_bundle
     from tests.conftest import DOGS_224_DIR
@@ -263,7 +263,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
     summary = json.loads((run / "pipeline.json").read_text())
     stages = summary["settings"]["stages"]
     assert summary["profile"] == "cpu" and summary["settings"]["ladder"] == ["cnn1", "cnn3", "cnn3v2"]
-    assert stages["head"]["data"]["image_size"] == stages["fine_tune"]["data"]["image_size"] == 224
+    assert stages["head"]["data"]["image_size"] == stages["fine_tune"]["data"]["image_size"] == 288
     assert stages["head"]["train"]["model"] == stages["fine_tune"]["train"]["model"] == "mobilenet_025"
     profile = pipeline.PROFILES["cpu"]
     assert [stages[stage]["data"]["zoom_out"] for stage in pipeline.STAGES] == [
@@ -280,7 +280,7 @@ def test_cpu_profile_runs_every_stage_on_a_cut_of_the_120_breeds(ray_cluster, ru
             assert timing["peak_mb"]["largest_worker"] > 100 and timing["peak_mb"]["all"] >= timing["peak_mb"]["driver"]
         assert re.search(rf"^{stage}\s+{timing['seconds']:.0f}\s", printed, re.M), stage
     bundle = load_bundle(str(run / "bundle"))
-    assert len(bundle.class_names) == 120 and bundle.image_size == 224 and bundle.test_time_flip
+    assert len(bundle.class_names) == 120 and bundle.image_size == 288 and bundle.test_time_flip
     assert bundle.info["config"]["data"]["data_dir"] == str(cut)
     # The error analysis of every final model, the exported one's among them: accuracy per breed
     # (the worst breeds first) and the most confused pairs with photos of both breeds.
