@@ -718,8 +718,14 @@ def make_dataset(
     `features.py` computes), an on-the-fly one by a seeded stream drawn anew each pass.
     """
     views = config.augmented_views if training else 0
-    count = len(images) * max(views, 1)
-    pixels, targets = tf.convert_to_tensor(images), tf.convert_to_tensor(labels, tf.int32)
+    photos = len(images)
+    count = photos * max(views, 1)
+    # The photos in a variable: a tensor made from the array held two copies of it and each
+    # iterator a third while it started (8,640 photos at 288 px: 2 GB each); a variable holds
+    # one once made. Nothing below refers to `images`, so that the caller's array can go.
+    with tf.device("/CPU:0"):
+        pixels = tf.Variable(images, trainable=False)
+    targets = tf.convert_to_tensor(labels, tf.int32)
     items = tf.data.Dataset.range(count)
     if training:
         items = items.shuffle(count, seed=config.seed, reshuffle_each_iteration=True)
@@ -731,7 +737,7 @@ def make_dataset(
     ops = build_ops((augment_chain(config) + "|" if training else "") + f"onehot({num_classes})")
 
     def example(item, seed):
-        index = item % len(images)
+        index = item % photos
         result = ops({"image": tf.gather(pixels, index), "label": tf.gather(targets, index), "seed": seed})
         return result["image"], result["label"]
 
