@@ -69,9 +69,13 @@ class DataConfig:
     # The study's offline augmentation: this many augmented views of each train image
     # (it used 9). 0 augments on the fly instead, a fresh view every epoch.
     augmented_views: int = 0
-    # Resized images are cached here as .npy, keyed by the files and the image size, so the
+    # Resized images are cached here as .npz, keyed by the files and the image size, so the
     # JPEG decoding happens once per machine, not once per epoch or trial.
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "dogbreeds")
+    # The cache's bound in GB: after a split is decoded, the cache files used least recently
+    # are deleted until the cache fits (0: no bound). The cpu profile's study decodes 3 GB into
+    # it; each other image size, dataset or cut adds its own files.
+    cache_max_gb: float = 20.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -523,7 +523,9 @@ def load_images(
         cached = _read_cache_if_sound(cache_path, len(part), image_size, what)
         if cached is not None:
             return cached
-        return _decode_into_cache(part, image_size, tfds_dir or config.tfds_dir, cache_path, what)
+        decoded = _decode_into_cache(part, image_size, tfds_dir or config.tfds_dir, cache_path, what)
+    prune_cache(config.cache_dir, config.cache_max_gb, keep=cache_path)
+    return decoded
 
 
 def _read_cache_if_sound(cache_path: str, count: int, image_size: int, what: str):
@@ -533,8 +535,6 @@ def _read_cache_if_sound(cache_path: str, count: int, image_size: int, what: str
         return None
     try:
         cached = _read_cache(cache_path, count, image_size)
-        logger.debug("%s: %d photos from the cache %s", what, count, cache_path)
-        return cached
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError, TypeError) as error:
         logger.warning("cache file %s is unreadable (%s): deleting it and decoding again",
                        cache_path, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
@@ -542,7 +542,13 @@ def _read_cache_if_sound(cache_path: str, count: int, image_size: int, what: str
             os.remove(cache_path)
         except FileNotFoundError:  # another worker removed it first
             pass
-    return None
+        return None
+    logger.debug("%s: %d photos from the cache %s", what, count, cache_path)
+    try:
+        os.utime(cache_path)  # used now: `prune_cache` deletes the least recently used first
+    except OSError:  # a cache others wrote, read-only here
+        pass
+    return cached
 
 
 def _decode_into_cache(part: Split, image_size: int, tfds_dir: str | None, cache_path: str, what: str):
@@ -557,6 +563,36 @@ def _decode_into_cache(part: Split, image_size: int, tfds_dir: str | None, cache
     logger.info("decoded %s: %s photos at %d px in %.1f s, %d skipped%s", what, f"{len(kept):,}", image_size,
                 progress.seconds, len(skipped), f" ({describe_skipped(skipped)})" if skipped else "")
     return images, labels, skipped
+
+
+def prune_cache(cache_dir: str, max_gb: float, keep: str) -> None:
+    """Delete the cache files of `cache_dir` used least recently (by modification time, which
+    a read renews) until they fit in `max_gb` (0: no bound), never `keep`. A worker reading a
+    file deleted under it still reads it whole (POSIX); one that finds it gone decodes again."""
+    if max_gb <= 0:
+        return
+    files = []
+    for path in glob.glob(os.path.join(cache_dir, "*.npz")):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # deleted by another process meanwhile
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
+    total, bound, deleted = sum(size for _, size, _ in files), max_gb * 2**30, []
+    for _, size, path in sorted(files):
+        if total <= bound:
+            break
+        if os.path.abspath(path) == os.path.abspath(keep):
+            continue
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        total -= size
+        deleted.append(size)
+    if deleted:
+        logger.info("decode cache: deleted the %d files used least recently (%.1f GB) to fit in %g GB "
+                    "(--cache-max-gb)", len(deleted), sum(deleted) / 2**30, max_gb)
 
 
 def _read_cache(path: str, count: int, image_size: int):

@@ -163,7 +163,7 @@ def _add_models(commands) -> None:
 def _add_data(commands) -> None:
     parser = _command(commands, "data", "summarise a dataset: breeds, images, skipped files")
     add_config_options(parser, "data", only=("data_dir", "tfds_dir", "image_size", "seed", "cache_dir",
-                                             "validation_fraction", "test_fraction"),
+                                             "cache_max_gb", "validation_fraction", "test_fraction"),
                        defaults={"image_size": 64})  # decoding at 64 px finds unreadable files fast
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -281,7 +281,7 @@ def _add_bench(commands) -> None:
 
 def _add_bench_pipeline(benches) -> _Parser:
     parser = _command(benches, "pipeline", "input pipeline images/s against a bare decode-and-resize loop")
-    add_config_options(parser, "data", only=("data_dir", "tfds_dir", "image_size", "seed", "cache_dir"),
+    add_config_options(parser, "data", only=("data_dir", "tfds_dir", "image_size", "seed", "cache_dir", "cache_max_gb"),
                        defaults={"image_size": 224})  # the transfer models' size
     return parser
 

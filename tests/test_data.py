@@ -497,6 +497,33 @@ def test_a_corrupt_cache_file_is_discarded_and_rebuilt(tmp_path, caplog, damage)
     np.testing.assert_array_equal(third[0], images)
 
 
+def test_the_cache_keeps_what_was_used_last_within_its_bound(tmp_path, caplog):
+    """`--cache-max-gb`: once a split is decoded, the cache files used least recently go until
+    the cache fits, a read counting as a use, and never the file just written; 0 keeps all."""
+    root = _small_folder(tmp_path, per_breed=4)
+    base = dict(data_dir=str(root), test_fraction=0.0, validation_fraction=0.0)
+    split = data.load_index(DataConfig(**base)).splits["train"]
+    cache = str(tmp_path / "cache")
+    unbounded = DataConfig(**base, cache_dir=cache, cache_max_gb=0)
+    path = {size: data.cache_file(split, size, cache) for size in (16, 24, 32, 40, 48)}
+    for age, size in enumerate((16, 24, 32)):
+        data.load_images(split, size, unbounded)
+        os.utime(path[size], (1e9 + age, 1e9 + age))  # 16 written first, 32 last
+    data.load_images(split, 16, unbounded)  # read: 16 is now the one used last
+    elsewhere = DataConfig(**base, cache_dir=str(tmp_path / "elsewhere"))
+    data.load_images(split, 40, elsewhere)
+    size = {s: os.path.getsize(p) for s, p in path.items() if os.path.exists(p)}
+    size[40] = os.path.getsize(data.cache_file(split, 40, elsewhere.cache_dir))
+    room = size[16] + size[40] + min(size[24], size[32]) / 2  # 16 and 40 fit; 24 or 32 beside them does not
+    with caplog.at_level("INFO", logger="dogbreeds.data"):
+        data.load_images(split, 40, DataConfig(**base, cache_dir=cache, cache_max_gb=room / 2**30))
+    assert [s for s in (16, 24, 32, 40) if os.path.exists(path[s])] == [16, 40]
+    assert any("deleted the 2 files used least recently" in r.getMessage() and "--cache-max-gb" in r.getMessage()
+               for r in caplog.records)
+    images, _, _ = data.load_images(split, 48, DataConfig(**base, cache_dir=cache, cache_max_gb=1e-9))
+    assert [s for s in path if os.path.exists(path[s])] == [48] and images.shape[1:] == (48, 48, 3)
+
+
 def test_decoding_a_split_logs_progress_and_a_final_count(cache_dir, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(data, "PROGRESS_MIN_GAP_S", 0.0)  # a line at each tenth, however fast
     monkeypatch.setattr(data, "PROGRESS_INTERVAL_S", 1e9)  # and only then, however slow
